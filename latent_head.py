@@ -1,0 +1,393 @@
+"""Latent heads for GAP: what maps the decoder's final-normed hidden state h̄ to the next latent input.
+
+GAP's head (Eq. 1) predicts PCA coefficients c_t = F(h̄_t) and reconstructs v̂_t = P_k c_t + mu, where P_k (d, k)
+and mu (d,) are the top-k principal directions and the mean of the auxiliary-image vision embeddings (the targets).
+Also here: the streaming PCA fit (k from explained variance, RelMSE of Eq. 7), the latent loss (Eq. 2), and the
+baselines/ablations: the full-dimension head (d -> d), output-as-input feedback, EMA norm calibration, noise latents
+and the VaLR-style middle-layer alignment. Nothing here runs on its own; it is exercised by
+    python prepare.py build --data F.jsonl --model CKPT --out DIR [--pca-variance 0.95]   # fits and saves the basis
+    python train.py                                                                       # trains the head (tiny, CPU)
+    torchrun --standalone --nproc_per_node=8 train.py --data DIR --model CKPT             # the real run
+    .venv/bin/python -m pytest -q tests/test_latent_head.py
+
+Precision policy (one place): PCA statistics are accumulated in float64; everything a head computes -- the
+coefficients, the reconstruction, losses, norms -- runs in float32 whatever the input dtype (h̄ is bf16 in training)
+and even under autocast. Outputs are float32; the caller casts v̂ to the trunk's dtype when it feeds it back. Why:
+v̂ = P_k c + mu adds small learned corrections to a mean of norm ~tens, and bf16's 8-bit mantissa alone would cost
+~0.4% of that norm, the same order as the PCA truncation error we are trying to learn below. Keep the head modules
+themselves in fp32 (train.py casts only the trunk): a bf16 copy of P_k would already have lost those bits.
+"""
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# ---- PCA basis -----------------------------------------------------------------------------------------------------
+
+
+def _k_for(lam, variance):
+    # smallest k with sum(lam[:k]) / sum(lam) >= variance; lam descending, float64
+    if not 0.0 < variance <= 1.0:
+        raise ValueError(f"explained variance must be in (0, 1], found {variance}")
+    lam = lam.double().cpu()
+    ratio = lam.cumsum(0) / lam.sum()
+    # the 1e-12 slack lets variance=1.0 land on the last non-zero eigenvalue despite float64 rounding in cumsum
+    return min(int((ratio < variance - 1e-12).sum()) + 1, lam.numel())
+
+
+class PCABasis(nn.Module):
+    """P_k (d, k), mu (d,) as float32 buffers; all d eigenvalues (descending, float64) for k_for / relmse / noise."""
+
+    def __init__(self, P_k, mu, eigenvalues, threshold=0.95):
+        super().__init__()
+        d, k = P_k.shape
+        if mu.shape != (d,) or eigenvalues.shape != (d,) or not 1 <= k <= d:
+            raise ValueError(f"PCABasis: expected P_k (d, k) with 1 <= k <= d, mu (d,), eigenvalues (d,); found "
+                             f"P_k {tuple(P_k.shape)}, mu {tuple(mu.shape)}, eigenvalues {tuple(eigenvalues.shape)}")
+        self.register_buffer("P_k", P_k.float().contiguous())
+        self.register_buffer("mu", mu.float().contiguous())
+        # float64 so that k_for() picks the same k as the fit did (the 95% boundary can sit within fp32 rounding)
+        self.register_buffer("eigenvalues", eigenvalues.double().contiguous())
+        self.d, self.k, self.threshold = d, k, float(threshold)
+
+    def k_for(self, variance):
+        """Smallest k whose cumulative explained variance reaches `variance` (e.g. 0.95 -> 629 of 3584 for 7B)."""
+        return _k_for(self.eigenvalues, variance)
+
+    def relmse(self, k=None):
+        """Eq. 7: RelMSE(k) = 1 - sum_{i<=k} lambda_i / sum_i lambda_i, the relative error of the k-truncation."""
+        k = self.k if k is None else k
+        lam = self.eigenvalues.cpu()
+        return float(1.0 - lam[:k].sum() / lam.sum())
+
+    def project(self, v):
+        """c = P_k^T (v - mu), (..., d) -> (..., k) in fp32."""
+        return (v.float() - self.mu) @ self.P_k
+
+    def reconstruct(self, c):
+        """v = P_k c + mu, (..., k) -> (..., d) in fp32."""
+        return c.float() @ self.P_k.T + self.mu
+
+    def save(self, path):
+        meta = {"format": "gap-pca", "d": str(self.d), "k": str(self.k), "threshold": repr(self.threshold),
+                "relmse": repr(self.relmse())}
+        tensors = {"P_k": self.P_k, "mu": self.mu, "eigenvalues": self.eigenvalues}
+        _atomic_save({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, path, meta)
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        t, meta = _read(path, "gap-pca")
+        if set(t) != {"P_k", "mu", "eigenvalues"}:
+            raise ValueError(f"{path}: expected tensors P_k, mu, eigenvalues; found {sorted(t)}")
+        k, d = int(meta.get("k", -1)), int(meta.get("d", -1))
+        if t["P_k"].shape != (d, k):
+            raise ValueError(f"{path}: P_k should be (d={d}, k={k}) per the metadata, found {tuple(t['P_k'].shape)}")
+        try:
+            basis = cls(t["P_k"], t["mu"], t["eigenvalues"], float(meta.get("threshold", "nan")))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return basis.to(device)
+
+
+class PCAFitter:
+    """Streaming PCA: update() on chunks of target embeddings (any (..., dim)), finish() -> PCABasis.
+
+    Accumulates count, sum and x^T x in float64 around a shift (the first chunk's mean): the textbook
+    x^T x - n mu mu^T cancels catastrophically when |mu| >> std, and shifting costs nothing. The covariance is
+    the unbiased one, divided by n - 1 (like torch.cov and sklearn), so the eigenvalues are the per-component
+    variances noise_latents() samples with.
+    """
+
+    def __init__(self, dim):
+        self.dim, self.n = dim, 0
+        self.shift = self.sum = self.xtx = None
+
+    @torch.no_grad()
+    def update(self, x):
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"PCAFitter: expected rows of dim {self.dim}, found shape {tuple(x.shape)}")
+        x = x.reshape(-1, self.dim).double()  # (n, d)
+        if x.shape[0] == 0:
+            return
+        if not torch.isfinite(x).all():
+            raise ValueError(f"PCAFitter: non-finite values in a chunk of {x.shape[0]} rows")
+        if self.shift is None:
+            self.shift = x.mean(0)
+            self.sum = torch.zeros_like(self.shift)
+            self.xtx = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
+        x = x.to(self.shift.device) - self.shift
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.xtx += x.T @ x
+
+    @torch.no_grad()
+    def finish(self, threshold=0.95):
+        if self.n < 2:
+            raise ValueError(f"PCAFitter: need at least 2 rows to estimate a covariance, found {self.n}")
+        m = self.sum / self.n  # mean of the shifted rows
+        cov = (self.xtx - self.n * torch.outer(m, m)) / (self.n - 1)  # (d, d), unbiased
+        lam, V = torch.linalg.eigh((cov + cov.T) / 2)  # ascending; symmetrise against rounding
+        lam, V = lam.flip(0).clamp(min=0.0), V.flip(1)  # descending; tiny negatives are rounding, not variance
+        if lam.sum() <= 0:
+            raise ValueError(f"PCAFitter: all {self.n} rows are identical, there is no variance to keep")
+        # eigh's sign per vector is arbitrary: make the largest-|.| entry positive so fits are reproducible
+        idx = V.abs().argmax(0)
+        V = V * torch.sign(V[idx, torch.arange(self.dim, device=V.device)])
+        k = _k_for(lam, threshold)  # Eq. 7: keeps RelMSE(k) <= 1 - threshold
+        return PCABasis(V[:, :k].cpu(), (self.shift + m).cpu(), lam.cpu(), threshold)
+
+
+# ---- heads -----------------------------------------------------------------------------------------------------------
+
+
+def _linear32(x, layer):
+    # fp32 matmul even if the module was cast to bf16 or we are under autocast (see the precision policy above)
+    return F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), Qwen's MLP shape; bias-free. zero_out=True zero-inits down: the block starts at 0."""
+
+    def __init__(self, d_in, hidden, d_out, zero_out=True):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_in, hidden, bias=False)
+        self.up_proj = nn.Linear(d_in, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_out, bias=False)
+        if zero_out:
+            nn.init.zeros_(self.down_proj.weight)  # like LoRA's B = 0: gate/up get gradients from step 2 on
+
+    def forward(self, x):
+        return _linear32(F.silu(_linear32(x, self.gate_proj)) * _linear32(x, self.up_proj), self.down_proj)
+
+
+class PCAHead(nn.Module):
+    """GAP's head (Eq. 1): c_t = F(h̄_t) = projector(h̄) + adapter(h̄); v̂_t = P_k c_t + mu.
+
+    The projector starts as P_k^T (h - mu) (weight P_k^T, bias -P_k^T mu) and the adapter's output is zero, so at
+    init v̂ is exactly the projection of h̄ onto the affine PCA subspace; both are trainable. P_k and mu are copied
+    from the basis into persistent, non-trainable buffers, so latent_head.safetensors alone runs sample.py, and the
+    output always stays in the subspace the targets live in (what keeps latents on the vision manifold).
+    """
+
+    kind = "pca"
+
+    def __init__(self, basis, d_model, adapter_hidden=None):
+        super().__init__()
+        if basis.d != d_model:
+            # Qwen2.5-VL's merger outputs the text width (3584 for 7B), so the PCA init below is always defined
+            raise ValueError(f"PCAHead: basis dim {basis.d} != d_model {d_model}")
+        self.d_model, self.k = d_model, basis.k
+        self.hidden = adapter_hidden or max(d_model // 4, 1)  # 896 for 7B: ~8.7M params with the projector
+        self.register_buffer("P_k", basis.P_k.detach().float().clone())
+        self.register_buffer("mu", basis.mu.detach().float().clone())
+        self.projector = nn.Linear(d_model, self.k)
+        with torch.no_grad():
+            self.projector.weight.copy_(self.P_k.T)
+            self.projector.bias.copy_(-(self.P_k.T @ self.mu))
+        self.adapter = SwiGLU(d_model, self.hidden, self.k, zero_out=True)
+
+    def coeffs(self, h):
+        """c_t (..., k) in fp32 (Eq. 1)."""
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            return _linear32(h, self.projector) + self.adapter(h)
+
+    def forward(self, h):
+        c_t = self.coeffs(h)
+        with torch.autocast(h.device.type, enabled=False):
+            return c_t @ self.P_k.float().T + self.mu.float()  # Eq. 1: v̂_t = P_k c_t + mu
+
+
+class FullHead(nn.Module):
+    """Ablation "LH" (no PCA): v̂ = h̄ + SwiGLU(h̄), d -> d, fp32.
+
+    Residual with a zero-init output, so it starts as output-as-input (RawFeedback) exactly as the PCA head starts
+    as the PCA projection of h̄: the ablation then differs only in the subspace constraint. residual=False gives a
+    plain SwiGLU from a random init (its output starts near 0, far from any target).
+    """
+
+    kind = "full"
+
+    def __init__(self, d_model, hidden=None, residual=True):
+        super().__init__()
+        self.d_model, self.hidden, self.residual = d_model, hidden or max(d_model // 4, 1), bool(residual)
+        self.mlp = SwiGLU(d_model, self.hidden, d_model, zero_out=self.residual)
+
+    def forward(self, h):
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            return h + self.mlp(h) if self.residual else self.mlp(h)
+
+
+class RawFeedback(nn.Module):
+    """Output-as-input (Coconut / Monet): feed h̄ back unchanged. No parameters; fp32 like the other heads."""
+
+    kind = "raw"
+
+    def forward(self, h):
+        return h.float()
+
+
+class EMANorm:
+    """EMA norm calibration (inference-only baseline): rescale each fed-back latent to the running mean L2 norm of
+    the query image's vision embeddings, fixing the norm mismatch between h̄ and vision tokens without training.
+
+    update(v) folds in each vector's norm in order: m <- decay * m + (1 - decay) * ||v_i|| (the first vector
+    initialises m, so no bias correction is needed). decay=0.99 averages over the last ~1/(1-0.99) = 100
+    embeddings, i.e. a few image rows (a 448x448 image gives 256). seed(v) sets m to the plain mean norm of a batch
+    (sample.py seeds one EMANorm per row with that row's image features). The state stays a tensor: no host sync.
+    """
+
+    def __init__(self, decay=0.99, eps=1e-6):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMANorm: decay must be in [0, 1), found {decay}")
+        self.decay, self.eps, self.mean = decay, eps, None
+
+    @torch.no_grad()
+    def seed(self, v):
+        self.mean = v.float().norm(dim=-1).mean()
+
+    @torch.no_grad()
+    def update(self, v):
+        norms = v.float().norm(dim=-1).reshape(-1)  # (n,) in order
+        if norms.numel() == 0:
+            return
+        if self.mean is None:
+            self.mean, norms = norms[0], norms[1:]
+        n = norms.numel()
+        # the n sequential EMA steps in closed form: m_n = decay^n m_0 + (1-decay) sum_i decay^(n-1-i) x_i
+        w = (1 - self.decay) * self.decay ** torch.arange(n - 1, -1, -1, device=norms.device, dtype=torch.float64)
+        self.mean = (self.decay ** n * self.mean.double() + (w * norms.double()).sum()).float()
+
+    def __call__(self, v):
+        if self.mean is None:
+            raise RuntimeError("EMANorm: seed() or update() with vision embeddings before rescaling")
+        v = v.float()
+        return v * (self.mean.to(v.device) / v.norm(dim=-1, keepdim=True).clamp(min=self.eps))
+
+
+def noise_latents(basis, shape, generator=None):
+    """Noise baseline: c ~ N(0, diag(lambda_1..lambda_k)), then v = P_k c + mu. shape = leading dims; -> (*shape, d)."""
+    std = basis.eigenvalues[: basis.k].float().sqrt()  # per-component std of the fitted targets
+    c = torch.randn(*shape, basis.k, generator=generator, device=basis.P_k.device) * std
+    return basis.reconstruct(c)
+
+
+# ---- losses and VaLR alignment ---------------------------------------------------------------------------------------
+
+
+def latent_loss(pred, target, reduction="mean"):
+    """Eq. 2: squared L2 error per latent (summed over d), averaged over latents, in fp32.
+
+    reduction="sum" returns the total so train.py can divide by the global latent count across micro-batches and
+    ranks (STYLE 17). With no latents at all (every span stripped by tau) it returns a graph-connected zero.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"latent_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    err = (pred.float() - target.float()).pow(2).sum(-1)  # (...,) one value per latent
+    if err.numel() == 0:
+        return pred.float().sum() * 0.0
+    return err.sum() if reduction == "sum" else err.mean()
+
+
+class VaLRProjector(nn.Module):
+    """VaLR-style alignment: Linear-GELU-Linear (LLaVA projector shape) from a middle layer's hidden state at the
+    latent positions (train.py picks the layer, default L // 2, from decode(return_layers=True)) to the target dim."""
+
+    def __init__(self, d_model, d_target, hidden=None):
+        super().__init__()
+        self.d_model, self.d_target, self.hidden = d_model, d_target, hidden or d_model
+        self.fc1 = nn.Linear(d_model, self.hidden)
+        self.fc2 = nn.Linear(self.hidden, d_target)
+
+    def forward(self, h):
+        with torch.autocast(h.device.type, enabled=False):
+            return _linear32(F.gelu(_linear32(h.float(), self.fc1)), self.fc2)
+
+
+def valr_loss(pred, target):
+    """-mean cosine similarity over latents: -1 when aligned, +1 when opposite. Graph-connected zero if empty."""
+    if pred.shape != target.shape:
+        raise ValueError(f"valr_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-8)
+    return -cos.mean() if cos.numel() else pred.float().sum() * 0.0
+
+
+# ---- make / save / load ----------------------------------------------------------------------------------------------
+
+KINDS = ("pca", "full", "raw")
+
+
+def make_head(kind, d_model, basis=None, hidden=None):
+    if kind == "pca":
+        if basis is None:
+            raise ValueError("make_head('pca'): needs the PCA basis (DIR/pca.safetensors from prepare.py build)")
+        return PCAHead(basis, d_model, adapter_hidden=hidden)
+    if kind == "full":
+        return FullHead(d_model, hidden=hidden)
+    if kind == "raw":
+        return RawFeedback()
+    raise ValueError(f"unknown latent head kind {kind!r}, expected one of {KINDS}")
+
+
+def save_head(head, path):
+    meta = {"format": "gap-latent-head", "kind": head.kind}
+    for name in ("d_model", "hidden", "k", "residual"):
+        if hasattr(head, name):
+            meta[name] = str(int(getattr(head, name)))
+    _atomic_save({n: t.detach().cpu().contiguous() for n, t in head.state_dict().items()}, path, meta)
+
+
+def load_head(path, basis=None, kind=None, device="cpu"):
+    """Strict: the file's kind must be known (and equal `kind` if given), every tensor present with its shape; with
+    a basis, a PCA head's stored P_k / mu must match it (a head trained against another PCA fit is meaningless)."""
+    t, meta = _read(path, "gap-latent-head")
+    file_kind = meta.get("kind")
+    if file_kind not in KINDS or (kind is not None and file_kind != kind):
+        raise ValueError(f"{path}: latent head kind {file_kind!r}, expected {kind or ' or '.join(KINDS)}")
+    try:
+        d_model, hidden = int(meta.get("d_model", 0)), int(meta.get("hidden", 0)) or None
+        if file_kind == "pca":
+            k = int(meta["k"])
+            # a placeholder basis of the stored shapes; load_state_dict fills P_k and mu from the file
+            stub = PCABasis(torch.zeros(d_model, k), torch.zeros(d_model), torch.zeros(d_model))
+            head = PCAHead(stub, d_model, adapter_hidden=hidden)
+        elif file_kind == "full":
+            head = FullHead(d_model, hidden=hidden, residual=bool(int(meta["residual"])))
+        else:
+            head = RawFeedback()
+        head.load_state_dict(t, strict=True)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot load a {file_kind!r} latent head from metadata {meta}: {e}") from None
+    if file_kind == "pca" and basis is not None:
+        if basis.P_k.shape != head.P_k.shape or not (
+                torch.allclose(basis.P_k.cpu(), head.P_k, atol=1e-6) and torch.allclose(basis.mu.cpu(), head.mu, atol=1e-6)):
+            raise ValueError(f"{path}: the head's P_k {tuple(head.P_k.shape)} / mu do not match the given basis "
+                             f"P_k {tuple(basis.P_k.shape)}: trained against a different pca.safetensors?")
+    return head.to(device)
+
+
+def _atomic_save(tensors, path, meta):
+    # write then rename, so a crash never leaves a half-written file behind (STYLE 15)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _read(path, fmt):
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a {fmt} safetensors file)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            t = {n: f.get_tensor(n) for n in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or non-safetensors files
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: metadata format {meta.get('format')!r}, expected {fmt!r}")
+    return t, meta
