@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-# ---- PCA basis -----------------------------------------------------------------------------------------------------
+# ---- PCA basis -------------------------------------------------------------------------------------------------------
 
 
 def _k_for(lam, variance):
@@ -83,13 +83,13 @@ class PCABasis(nn.Module):
         t, meta = _read(path, "gap-pca")
         if set(t) != {"P_k", "mu", "eigenvalues"}:
             raise ValueError(f"{path}: expected tensors P_k, mu, eigenvalues; found {sorted(t)}")
-        k, d = int(meta.get("k", -1)), int(meta.get("d", -1))
-        if t["P_k"].shape != (d, k):
-            raise ValueError(f"{path}: P_k should be (d={d}, k={k}) per the metadata, found {tuple(t['P_k'].shape)}")
         try:
+            k, d = int(meta["k"]), int(meta["d"])
+            if t["P_k"].shape != (d, k):
+                raise ValueError(f"P_k should be (d={d}, k={k}) per the metadata, found {tuple(t['P_k'].shape)}")
             basis = cls(t["P_k"], t["mu"], t["eigenvalues"], float(meta.get("threshold", "nan")))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: bad PCA basis (metadata {meta}): {e}") from None
         return basis.to(device)
 
 
@@ -145,12 +145,12 @@ class PCAFitter:
 
 
 def _linear32(x, layer):
-    # fp32 matmul even if the module was cast to bf16 or we are under autocast (see the precision policy above)
+    # fp32 even if the module was cast to bf16; callers also switch autocast off (see the precision policy above)
     return F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), Qwen's MLP shape; bias-free. zero_out=True zero-inits down: the block starts at 0."""
+    """down(silu(gate(x)) * up(x)), Qwen's MLP shape, bias-free; zero_out=True zero-inits down so it starts at 0."""
 
     def __init__(self, d_in, hidden, d_out, zero_out=True):
         super().__init__()
@@ -181,7 +181,7 @@ class PCAHead(nn.Module):
             # Qwen2.5-VL's merger outputs the text width (3584 for 7B), so the PCA init below is always defined
             raise ValueError(f"PCAHead: basis dim {basis.d} != d_model {d_model}")
         self.d_model, self.k = d_model, basis.k
-        self.hidden = adapter_hidden or max(d_model // 4, 1)  # 896 for 7B: ~8.7M params with the projector
+        self.hidden = adapter_hidden or max(d_model // 4, 1)  # 896 for 7B: ~9.2M params with the projector
         self.register_buffer("P_k", basis.P_k.detach().float().clone())
         self.register_buffer("mu", basis.mu.detach().float().clone())
         self.projector = nn.Linear(d_model, self.k)
@@ -364,8 +364,8 @@ def load_head(path, basis=None, kind=None, device="cpu"):
     except (KeyError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot load a {file_kind!r} latent head from metadata {meta}: {e}") from None
     if file_kind == "pca" and basis is not None:
-        if basis.P_k.shape != head.P_k.shape or not (
-                torch.allclose(basis.P_k.cpu(), head.P_k, atol=1e-6) and torch.allclose(basis.mu.cpu(), head.mu, atol=1e-6)):
+        same = basis.P_k.shape == head.P_k.shape and torch.allclose(basis.P_k.cpu(), head.P_k, atol=1e-6)
+        if not (same and torch.allclose(basis.mu.cpu(), head.mu, atol=1e-6)):
             raise ValueError(f"{path}: the head's P_k {tuple(head.P_k.shape)} / mu do not match the given basis "
                              f"P_k {tuple(basis.P_k.shape)}: trained against a different pca.safetensors?")
     return head.to(device)
