@@ -691,9 +691,10 @@ def _checkpoint_files(path):
         if missing:
             raise FileNotFoundError(f"{index} names shard file(s) that do not exist: {missing}")
         return [path / f for f in files]
-    files = sorted(path.glob("*.safetensors"))
+    # only model*.safetensors: a GAP output folder also holds latent_head.safetensors and pca.safetensors
+    files = [path / "model.safetensors"] if (path / "model.safetensors").exists() else sorted(path.glob("model*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or *.safetensors")
+        raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or model-*.safetensors")
     return files
 
 

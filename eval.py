@@ -1,0 +1,522 @@
+"""Benchmark runner for GAP: accuracy under feedback interventions, the latent-budget sweep, latency, and the
+layer-wise norm profile (the paper's Fig. 2). Data: our JSONL (DESIGN "Data": id, image, question, answer,
+category optional; paths relative to the file) or a VLMEvalKit TSV (index, image as base64, question, A, B, ...
+options, answer, category).
+
+    python eval.py --model runs/gap --data data/synthetic/raw/test.jsonl --modes pca,zero,noise,raw --latents 0,4,16,36
+    python eval.py --model runs/gap-7b --data MathVista_MINI.tsv --device cuda --batch-size 16 --out out/mathvista
+    python eval.py norms --model runs/gap --data data/synthetic/raw/test.jsonl --limit 16 --out out/norms
+
+Outputs under --out: predictions-<mode>-<latents>.jsonl per run, results.json (both tables), norms.json/norms.png.
+score_file() is the difficulty scorer behind `prepare.py score` (N samples of the base model per record).
+"""
+import argparse
+import base64
+import csv
+import io
+import json
+import math
+import os
+import re
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import model as gapmodel
+import prepare
+import sample
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- options ----
+
+
+@dataclass
+class EvalOptions:
+    model: str = field(metadata={"help": "train.py output folder (gap.json) or a plain HF checkpoint"})
+    data: str = field(metadata={"help": "JSONL (paths relative to it) or VLMEvalKit TSV (base64 images)"})
+    modes: str = field(default="auto", metadata={"help": "comma list of pca,full,raw,zero,noise for the intervention "
+                                                         "table; auto = pca,zero,noise,raw minus what the folder lacks"})
+    latents: str = field(default="", metadata={"help": "comma list of N for the budget sweep (0 = zero mode); "
+                                                       "empty = no sweep"})
+    sweep_mode: str = field(default="auto", metadata={"help": "feedback mode of the sweep; auto = the folder's head"})
+    limit: int = field(default=0, metadata={"help": "first N records only (0 = all)"})
+    batch_size: int = field(default=1, metadata={"help": "rows per generate call; a sample's latency is its "
+                                                          "batch's wall time (what its caller waits)"})
+    out: str = field(default="out/eval", metadata={"help": "output folder"})
+    max_new_tokens: int = field(default=256, metadata={"help": "positions generated, latents included"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    ema_norm: bool = field(default=False, metadata={"help": "EMA norm calibration of every fed-back latent"})
+    seed: int = field(default=0, metadata={"help": "sampling / noise seed"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
+
+
+@dataclass
+class NormsOptions:
+    model: str = field(metadata={"help": "train.py output folder or a plain HF checkpoint"})
+    data: str = field(metadata={"help": "JSONL or VLMEvalKit TSV"})
+    limit: int = field(default=16, metadata={"help": "records to profile"})
+    out: str = field(default="out/norms", metadata={"help": "output folder (norms.json, norms.png)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda ..."})
+    dtype: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- data: our JSONL and VLMEvalKit TSV ----
+
+
+def read_jsonl(path, need_answer=True):
+    """-> list of records {id, image (path), question, answer, category, choices, response, raw}."""
+    path, records = Path(path), []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+            rid = obj.get("id", f"line-{lineno}")
+            for name in ("image", "question") + (("answer",) if need_answer else ()):
+                v = obj.get(name)
+                if v is None or (isinstance(v, str) and not v.strip()) or isinstance(v, (dict, list, bool)):
+                    raise ValueError(f"{where}: record {rid!r}: field {name!r} must be a non-empty string, "
+                                     f"found {v!r}")
+            image = path.parent / obj["image"]
+            if not image.is_file():
+                raise ValueError(f"{where}: record {rid!r}: field 'image': {image} does not exist")
+            records.append({"id": str(rid), "image": str(image), "question": obj["question"],
+                            "answer": None if obj.get("answer") is None else str(obj["answer"]),
+                            "category": str(obj.get("category") or "all"), "choices": obj.get("choices"),
+                            "response": obj.get("response"), "raw": obj})
+    return records
+
+
+def _missing(v):
+    return v is None or v.strip() in ("", "nan", "NaN", "None")
+
+
+def read_tsv(path, need_answer=True):
+    """VLMEvalKit layout: a row whose `image` is short (<= 64 chars) refers to another row's index with the same
+    image (VLMEvalKit writes each image once). Options are the one-letter columns A, B, C, ... that are filled."""
+    path = Path(path)
+    csv.field_size_limit(sys.maxsize)          # one base64 image is far over csv's 128 KB default field limit
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        header = reader.fieldnames or []
+        need = ["index", "image", "question"] + (["answer"] if need_answer else [])
+        missing = [c for c in need if c not in header]
+        if missing:
+            raise ValueError(f"{path}: TSV lacks column(s) {missing}; found {header}")
+        rows = list(reader)
+    letters = [c for c in header if len(c) == 1 and c in string.ascii_uppercase]
+    by_index = {r["index"]: r["image"] for r in rows if r["image"] and len(r["image"]) > 64}
+    records = []
+    for lineno, r in enumerate(rows, 2):       # line 1 is the header
+        where = f"{path}:{lineno} (index {r.get('index')})"
+        img = r["image"] or ""
+        if len(img) <= 64:
+            if img not in by_index:
+                raise ValueError(f"{where}: field 'image' {img!r} is neither base64 nor the index of a row with one")
+            img = by_index[img]
+        if _missing(r["question"]) or (need_answer and _missing(r.get("answer"))):
+            raise ValueError(f"{where}: field 'question' or 'answer' is empty")
+        choices = {c: r[c].strip() for c in letters if not _missing(r.get(c))}
+        q = r["question"].strip()
+        if not _missing(r.get("hint")):
+            q = f"Hint: {r['hint'].strip()}\n{q}"
+        if choices:
+            q += "\n" + "\n".join(f"{c}. {t}" for c, t in choices.items())
+        records.append({"id": str(r["index"]), "image_b64": img, "question": q,
+                        "answer": None if _missing(r.get("answer")) else r["answer"].strip(),
+                        "category": (r.get("category") or "all").strip() or "all", "choices": choices or None,
+                        "response": None, "raw": None})
+    return records
+
+
+def read_data(path, need_answer=True):
+    suffix = Path(path).suffix.lower()
+    if suffix == ".tsv":
+        return read_tsv(path, need_answer)
+    if suffix in (".jsonl", ".json"):
+        return read_jsonl(path, need_answer)
+    raise ValueError(f"{path}: unknown data format {suffix!r} (expected .jsonl or .tsv)")
+
+
+def record_image(rec):
+    """A path for JSONL records; a decoded PIL image (with model.load_image's pixel cap) for TSV ones."""
+    if rec.get("image_b64") is None:
+        return rec["image"]
+    try:
+        data = base64.b64decode(rec["image_b64"], validate=False)
+    except ValueError as e:
+        raise ValueError(f"record {rec['id']}: field 'image' is not valid base64 ({e})") from None
+    return gapmodel.load_image(io.BytesIO(data))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- answer extraction and scoring ----
+
+_NUM = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def answer_span(text):
+    """Content of the last <answer>...</answer> if there is one, else the whole text (stripped)."""
+    found = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S | re.I)
+    return (found[-1] if found else text).strip()
+
+
+def parse_number(s):
+    """'1,234.5' -> 1234.5, '-3' -> -3.0, '3/4' -> 0.75, '12%' -> 12.0; None if s is not one number."""
+    s = s.strip().rstrip(".").replace("$", "").replace("%", "").strip()
+    if not _NUM.fullmatch(s):
+        return None
+    s = s.replace(",", "")
+    if "/" in s:
+        a, b = s.split("/")
+        return float(a) / float(b) if float(b) != 0 else None
+    return float(s)
+
+
+def extract_choice(text, letters=None, choices=None):
+    """The choice letter a response commits to, or None. Most specific patterns first, so that the article "A" in
+    running text is only taken as a letter when nothing else matches and it is the only candidate."""
+    letters = set(letters or string.ascii_uppercase)
+    t = text.strip()
+    pats = [r"^\(?([A-Z])\)?[.:)]?$",                                      # "B", "(B)", "B."
+            r"answer(?:\s+is)?\s*[:：]?\s*\(?([A-Z])\)?(?![A-Za-z])",        # "The answer is (B)", "Answer: B"
+            r"^\(?([A-Z])\)?[.:)]\s",                                       # "B. a cat"
+            r"\(([A-Z])\)"]                                                 # "... (B) ..."
+    for p in pats:
+        for m in re.finditer(p, t, flags=re.I if p.startswith("answer") else 0):
+            if m.group(1) in letters:
+                return m.group(1)
+    alone = {c for c in re.findall(r"\b([A-Z])\b", t) if c in letters}
+    if len(alone) == 1:
+        return alone.pop()
+    if choices:                                                             # the option's text instead of its letter
+        hits = [c for c, opt in choices.items() if normalize(opt) and normalize(opt) in normalize(t)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def normalize(s):
+    s = s.lower().strip()
+    s = "".join(ch for ch in s if ch not in string.punctuation)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def score(prediction, answer, choices=None):
+    """-> (correct, extracted). The reference's form picks the extractor: a choice letter, a number (relative
+    tolerance 1e-2), yes/no; otherwise a normalised string compare."""
+    pred, ref = answer_span(prediction).replace("\u2212", "-"), str(answer).strip()   # U+2212 minus sign
+    if re.fullmatch(r"\(?[A-Z]\)?\.?", ref) and (choices or len(ref.strip("().")) == 1):
+        letter = ref.strip("().")
+        got = extract_choice(pred, letters=(choices or {}).keys() or None, choices=choices)
+        return got == letter, got or ""
+    ref_num = parse_number(ref)
+    if ref_num is not None:
+        m = re.search(r"answer\s+is\s*[:：]?\s*(" + _NUM.pattern + ")", pred, flags=re.I)
+        nums = [m.group(1)] if m else _NUM.findall(pred)
+        if not nums:
+            return False, ""
+        got = parse_number(nums[-1])
+        ok = got is not None and math.isclose(got, ref_num, rel_tol=1e-2, abs_tol=1e-9)
+        return ok, nums[-1]
+    if normalize(ref) in ("yes", "no"):
+        m = re.search(r"\b(yes|no)\b", pred, flags=re.I)
+        got = m.group(1).lower() if m else ""
+        return got == normalize(ref), got
+    return normalize(pred) == normalize(ref), pred
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- the runs ----
+
+
+def percentile_stats(xs):
+    xs = np.asarray(xs, dtype=np.float64)
+    if xs.size == 0:
+        return {"mean": None, "p50": None, "p90": None}
+    return {"mean": float(xs.mean()), "p50": float(np.percentile(xs, 50)), "p90": float(np.percentile(xs, 90))}
+
+
+def run_one(bundle, records, mode, n_latents, opts, out_dir):
+    """Generate and score every record under one (mode, N); writes predictions-<mode>-<N>.jsonl; -> summary."""
+    path = Path(out_dir) / f"predictions-{mode}-{n_latents}.jsonl"
+    correct, lat, n_lat, n_gen, cats, total = [], [], [], [], {}, 0.0
+    with open(path, "w", encoding="utf-8") as f:
+        for i in tqdm(range(0, len(records), opts.batch_size), desc=f"{mode} N={n_latents}", leave=False):
+            batch = records[i:i + opts.batch_size]
+            images = [record_image(r) for r in batch]
+            if bundle.device.type == "cuda":
+                torch.cuda.synchronize(bundle.device)
+            t0 = time.perf_counter()
+            rows = sample.generate(bundle, images, [r["question"] for r in batch], mode=mode,
+                                   max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
+                                   n_latents=n_latents, ema_norm=opts.ema_norm, seed=opts.seed + i)
+            dt = time.perf_counter() - t0   # generate ends in a .cpu() copy, so the device work is finished
+            total += dt
+            for rec, row in zip(batch, rows):
+                ok, got = score(row["text"], rec["answer"], rec.get("choices"))
+                k = sum(s["count"] for s in row["latent_spans"])
+                correct.append(ok), lat.append(dt), n_lat.append(k), n_gen.append(row["n_generated"])
+                cats.setdefault(rec["category"], []).append(ok)
+                f.write(json.dumps({"id": rec["id"], "category": rec["category"], "answer": rec["answer"],
+                                    "prediction": row["text"], "extracted": got, "correct": ok, "latency_s": dt,
+                                    "n_latents": k, "n_generated": row["n_generated"],
+                                    "latent_spans": row["latent_spans"]}, ensure_ascii=False) + "\n")
+    return {"mode": mode, "latents": n_latents, "n": len(correct),
+            "accuracy": float(np.mean(correct)) if correct else None,
+            "per_category": {c: {"accuracy": float(np.mean(v)), "n": len(v)} for c, v in sorted(cats.items())},
+            "latency_s": percentile_stats(lat), "mean_latents": float(np.mean(n_lat)) if n_lat else 0.0,
+            "mean_generated": float(np.mean(n_gen)) if n_gen else 0.0,
+            "samples_per_s": len(correct) / total if total > 0 else None, "predictions": str(path)}
+
+
+def format_table(rows, columns):
+    """Plain aligned text: columns = [(header, key or callable, format)]."""
+    cells = [[h for h, _, _ in columns]]
+    for r in rows:
+        cells.append([("-" if (v := (k(r) if callable(k) else r.get(k))) is None else fmt.format(v))
+                      for _, k, fmt in columns])
+    widths = [max(len(c[j]) for c in cells) for j in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths)))
+                     for line in cells)
+
+
+def parse_list(s, cast, what):
+    try:
+        return [cast(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} {s!r}: expected a comma-separated list") from None
+
+
+def evaluate(opts, bundle=None):
+    """The intervention table (modes at the folder's N) and the budget sweep (N at the sweep mode). -> results."""
+    device = sample.resolve_device(opts.device)
+    bundle = bundle or sample.load(opts.model, sample.resolve_dtype(opts.dtype, device), device)
+    records = read_data(opts.data)
+    records = records[:opts.limit] if opts.limit > 0 else records
+    if not records:
+        raise ValueError(f"{opts.data}: no records")
+    avail = sample.available_modes(bundle)
+    if opts.modes == "auto":
+        modes = [m for m in ("pca", "zero", "noise", "raw") if m in avail]
+    else:
+        modes = parse_list(opts.modes, str, "modes")
+        for m in modes:
+            sample.check_mode(bundle, m)          # refuse up front, with the reason, before hours of generation
+    sweep = parse_list(opts.latents, int, "latents")
+    sweep_mode = opts.sweep_mode if opts.sweep_mode != "auto" else (
+        bundle.kind if bundle.kind in ("pca", "full") else "raw")
+    if sweep:
+        sample.check_mode(bundle, sweep_mode)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # untimed warm-up: the first call pays for allocator growth and kernel selection, not the first sample
+    sample.generate(bundle, [record_image(records[0])], [records[0]["question"]], mode="zero", max_new_tokens=2)
+    done = {}
+
+    def run(mode, n):
+        key = ("zero", 0) if mode == "zero" or n == 0 else (mode, n)   # N = 0 is the zero mode; no span to fill
+        if key not in done:
+            done[key] = run_one(bundle, records, key[0], key[1], opts, out)
+        return done[key]
+
+    intervention = [run(m, bundle.n_latents) for m in tqdm(modes, desc="modes")]
+    budget = [{**run(sweep_mode, n), "latents": n} for n in tqdm(sweep, desc="sweep")]
+    results = {"model": str(opts.model), "data": str(opts.data), "n_records": len(records),
+               "n_latents": bundle.n_latents, "ema_norm": opts.ema_norm, "intervention": intervention,
+               "sweep_mode": sweep_mode if sweep else None, "sweep": budget}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out / "results.json")
+    lat = lambda r: r["latency_s"]["mean"]
+    print(f"\nintervention table ({len(records)} records, N={bundle.n_latents}"
+          f"{', ema-norm' if opts.ema_norm else ''})")
+    print(format_table(intervention, [("mode", "mode", "{}"), ("accuracy", "accuracy", "{:.4f}"),
+                                      ("latency_s", lat, "{:.3f}"), ("p90_s", lambda r: r["latency_s"]["p90"], "{:.3f}"),
+                                      ("latents/sample", "mean_latents", "{:.1f}")]))
+    if budget:
+        print(f"\nbudget sweep (mode {sweep_mode}; 0 = zero)")
+        print(format_table(budget, [("latents", "latents", "{}"), ("accuracy", "accuracy", "{:.4f}"),
+                                    ("latency_s", lat, "{:.3f}"), ("latents/sample", "mean_latents", "{:.1f}")]))
+    print(f"\nwrote {out / 'results.json'}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- layer-wise norm profile (Fig. 2) ----
+
+
+def _stats(xs):
+    x = torch.cat(xs).double() if xs else torch.zeros(0, dtype=torch.float64)
+    if x.numel() == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(x.mean()), "std": float(x.std(unbiased=False)), "n": int(x.numel())}
+
+
+@torch.no_grad()
+def norm_profile(bundle, records):
+    """Teacher-forced over prompt + reference response (if the record has one; latent spans emptied): per layer,
+    mean +- std of log ||x|| at text and image positions; out/in ratios; and the norm of what each feedback mode
+    would feed back (read at text positions) next to the query image's vision-embedding norm (Fig. 2b)."""
+    m, dev = bundle.model, bundle.device
+    L = m.cfg.text.num_hidden_layers
+    logs = {"text": [[] for _ in range(L + 1)], "vision": [[] for _ in range(L + 1)]}
+    norms = {"text": ([], []), "vision": ([], [])}       # (input embedding, last block output)
+    fb = {k: [] for k in ("raw", bundle.kind if bundle.kind in ("pca", "full") else None, "vision") if k}
+    for rec in tqdm(records, desc="norms"):
+        pixel_values, grid = gapmodel.preprocess_image(record_image(rec))
+        n_img = int(grid.prod()) // m.cfg.vision.spatial_merge_size ** 2
+        if rec.get("response"):
+            ids, _ = prepare.build_example(bundle.tok, rec["question"], rec["response"], n_img, 0)
+        else:
+            ids = prepare.prompt_ids(bundle.tok, rec["question"], n_img)
+        input_ids = torch.tensor([ids], device=dev)
+        grid = grid.to(dev)
+        x = m.embed(input_ids, pixel_values.to(dev), grid)                     # (1, T, D)
+        pos, _ = m.position_ids(input_ids, grid)
+        h, layers = m.decode(x, pos, return_layers=True)                       # h̄ (1, T, D), L + 1 x (1, T, D)
+        is_img = input_ids[0] == m.cfg.image_token_id
+        where = {"text": ~is_img, "vision": is_img}
+        for l, y in enumerate(layers):
+            n = y[0].float().norm(dim=-1)                                       # (T,)
+            for k, sel in where.items():
+                logs[k][l].append(n[sel].log().cpu())
+        for k, sel in where.items():
+            norms[k][0].append(layers[0][0][sel].float().norm(dim=-1).cpu())
+            norms[k][1].append(layers[-1][0][sel].float().norm(dim=-1).cpu())
+        hb = h[0][~is_img]                                                      # h̄ at text positions (T_text, D)
+        fb["raw"].append(hb.float().norm(dim=-1).cpu())
+        if bundle.kind in ("pca", "full"):
+            fb[bundle.kind].append(bundle.head(hb).norm(dim=-1).cpu())
+        fb["vision"].append(x[0][is_img].float().norm(dim=-1).cpu())
+    layer_rows = []
+    for l in range(L + 1):
+        layer_rows.append({"layer": l, "text": _stats(logs["text"][l]), "vision": _stats(logs["vision"][l])})
+    embed = {k: _stats(v[0])["mean"] for k, v in norms.items()}
+    last = {k: _stats(v[1])["mean"] for k, v in norms.items()}
+    ratio = {k: (last[k] / embed[k]) if embed[k] else None for k in norms}  # paper (trained 7B): 546x text, 8.7x vision
+    return {"model": bundle.path, "n_records": len(records), "n_layers": L + 1, "log_norm_layers": layer_rows,
+            "embed_norm": embed, "last_layer_norm": last, "out_in_ratio": ratio,
+            "feedback_norm": {k: _stats(v) for k, v in fb.items()}}
+
+
+def plot_norms(prof, path):
+    import matplotlib                                  # lazily: only this subcommand needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    ls = [r["layer"] for r in prof["log_norm_layers"]]
+    for k, c in (("text", "tab:blue"), ("vision", "tab:orange")):
+        mu = np.array([r[k]["mean"] if r[k]["mean"] is not None else np.nan for r in prof["log_norm_layers"]])
+        sd = np.array([r[k]["std"] if r[k]["std"] is not None else np.nan for r in prof["log_norm_layers"]])
+        a.plot(ls, mu, color=c, label=f"{k} (x{prof['out_in_ratio'][k] or float('nan'):.1f} out/in)")
+        a.fill_between(ls, mu - sd, mu + sd, color=c, alpha=0.2)
+    a.set_xlabel("layer (0 = input embedding)"), a.set_ylabel("log L2 norm"), a.legend()
+    a.set_title("hidden-state norm by layer")
+    names = list(prof["feedback_norm"])
+    means = [prof["feedback_norm"][k]["mean"] or 0.0 for k in names]
+    stds = [prof["feedback_norm"][k]["std"] or 0.0 for k in names]
+    b.bar(names, means, yerr=stds, color=["tab:gray" if k != "vision" else "tab:orange" for k in names])
+    b.set_yscale("log")                                # raw h̄ can be ~100x the vision norm on a trained 7B
+    b.set_ylabel("L2 norm"), b.set_title("what each mode feeds back vs vision embeddings")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def norms_main(opts, bundle=None):
+    device = sample.resolve_device(opts.device)
+    bundle = bundle or sample.load(opts.model, sample.resolve_dtype(opts.dtype, device), device)
+    records = read_data(opts.data, need_answer=False)[:max(opts.limit, 1)]
+    prof = norm_profile(bundle, records)
+    prof["data"] = str(opts.data)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "norms.json").write_text(json.dumps(prof, indent=2) + "\n")
+    plot_norms(prof, out / "norms.png")
+    r = prof["out_in_ratio"]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}x"
+    print(f"out/in norm ratio: text {fmt(r['text'])}, vision {fmt(r['vision'])} (paper, trained 7B: 546x, 8.7x)")
+    print("fed-back norm: " + ", ".join(f"{k} {v['mean']:.3g}" for k, v in prof["feedback_norm"].items()
+                                        if v["mean"] is not None))
+    print(f"wrote {out / 'norms.json'} and {out / 'norms.png'}")
+    return prof
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- difficulty scoring (prepare.py score) ----
+
+
+def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, top_p=1.0, max_new_tokens=256,
+               seed=0, device="auto", dtype="auto", bundle=None):
+    """Difficulty scoring: sample the base model `samples` times per record (mode zero: a base model has no latent
+    head), grade each with score(), and write a copy of the JSONL with `accuracy` = mean correctness per record.
+    Resumable: records already scored in out_file (by id) are kept and skipped; a torn last line is dropped."""
+    data_file = Path(data_file)
+    out_file = Path(out_file) if out_file else data_file.with_name(data_file.stem + ".scored.jsonl")
+    records = read_jsonl(data_file)
+    scored = {}
+    if out_file.exists():
+        for line in out_file.read_text(encoding="utf-8").splitlines():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue                                      # the line a crash cut short: re-score that record
+            if isinstance(obj, dict) and obj.get("accuracy") is not None:
+                scored[str(obj.get("id"))] = obj
+    device = sample.resolve_device(device)
+    todo = [(i, r) for i, r in enumerate(records) if r["id"] not in scored]
+    if todo and bundle is None:
+        bundle = sample.load(model_dir, sample.resolve_dtype(dtype, device), device)
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    # rewrite what is already scored (dropping a torn line), in data order, then append as records finish
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            if r["id"] in scored:
+                f.write(json.dumps(scored[r["id"]], ensure_ascii=False) + "\n")
+    os.replace(tmp, out_file)
+    with open(out_file, "a", encoding="utf-8") as f:
+        for i, r in tqdm(todo, desc="score"):
+            # the seed follows the record's line, so a resumed run draws exactly what an uninterrupted one would
+            rows = sample.generate(bundle, [record_image(r)] * samples, [r["question"]] * samples, mode="zero",
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   seed=seed + i)
+            acc = float(np.mean([score(row["text"], r["answer"], r.get("choices"))[0] for row in rows]))
+            f.write(json.dumps({**r["raw"], "accuracy": acc}, ensure_ascii=False) + "\n")
+            f.flush()
+    return out_file
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- CLI ----
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["norms"]:
+        parser = argparse.ArgumentParser(prog="eval.py norms", description="layer-wise norm profile (Fig. 2)")
+        sample.add_options(parser, NormsOptions)
+        return norms_main(NormsOptions(**vars(parser.parse_args(argv[1:]))))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample.add_options(parser, EvalOptions)
+    return evaluate(EvalOptions(**vars(parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,457 @@
+"""Interleaved text / latent generation for GAP: batched, static KV cache, one decode step per position.
+
+Text tokens come from the LM head. When a row emits <|latent_start|> it switches to latent mode for N steps: the
+input at each step is the feedback vector computed from the final-normed hidden state h̄ at the previous position
+(the state that produced <|latent_start|> gives the first latent), then <|latent_end|> is forced and text resumes.
+Latents sit at ordinary sequential text positions (DESIGN "Latent loop"). Feedback modes:
+    pca    GAP: v̂ = P_k F(h̄) + mu (Eq. 1), the trained PCA head
+    full   the d -> d head (ablation "LH")
+    raw    output-as-input: feed h̄ itself (Coconut-style baseline)
+    zero   latent spans suppressed: <|latent_start|> is never sampled
+    noise  c ~ N(0, diag(lambda_1..k)) reconstructed through the PCA basis
+--ema-norm rescales every fed-back latent to the mean norm of the query image's vision embeddings.
+
+    python sample.py --model runs/gap --image cat.png --question "How many legs?"             # tiny, CPU
+    python sample.py --model runs/gap-7b --image geo.png --question "..." --mode raw --ema-norm --device cuda
+    python sample.py --model Qwen2.5-VL-7B-Instruct --image cat.png --question "..." --mode zero --json
+
+Library use: bundle = sample.load(DIR); rows = sample.generate(bundle, [img], ["question"], mode="pca").
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import latent_head
+import model as gapmodel
+import prepare
+
+MODES = ("pca", "full", "raw", "zero", "noise")
+DEFAULT_LATENTS = 36   # N for a plain HF checkpoint (no gap.json): 6x6, the paper's default
+EARLY_EXIT_EVERY = 8   # check "all rows done" every 8 steps: one host sync per 8 steps instead of one per step
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- options (argparse is generated from the dataclass, STYLE 7) ----
+
+
+@dataclass
+class SampleOptions:
+    model: str = field(metadata={"help": "train.py output folder (gap.json) or a plain HF checkpoint folder"})
+    image: str = field(metadata={"help": "query image file"})
+    question: str = field(metadata={"help": "the question about the image"})
+    mode: str = field(default="auto", metadata={"help": "pca | full | raw | zero | noise; auto = the folder's head "
+                                                        "(gap.json), zero for a plain checkpoint"})
+    ema_norm: bool = field(default=False, metadata={"help": "rescale latents to the query image's mean vision norm"})
+    latents: int = field(default=-1, metadata={"help": "N latents per span; -1 = gap.json's (36 without it)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "positions generated, latents included"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    seed: int = field(default=0, metadata={"help": "sampling and noise-latent seed"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
+    json: bool = field(default=False, metadata={"help": "print the result dict as JSON"})
+
+
+def add_options(parser, cls):
+    """One flag per dataclass field: required when it has no default, BooleanOptionalAction for booleans."""
+    for f in fields(cls):
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        elif f.default is MISSING:
+            parser.add_argument(flag, type=f.type, required=True, help=help_)
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=f"{help_} (default {f.default})")
+
+
+def resolve_device(name):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def resolve_dtype(name, device):
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise ValueError(f"--dtype {name!r}: expected auto, bf16, fp16 or fp32")
+    return table[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- loading ----
+
+
+@dataclass
+class Bundle:
+    """Everything generation needs, loaded once. `kind` is the trained head's kind per gap.json (None for a plain
+    HF checkpoint); `head` is that head (fp32, see latent_head's precision policy); `basis` the PCA basis if any."""
+    model: gapmodel.Qwen25VL
+    tok: object                     # tokenizers.Tokenizer with the latent tokens
+    ids: dict                       # prepare.token_ids: im_start, im_end, ..., latent_start/pad/end
+    head: nn.Module = None
+    basis: latent_head.PCABasis = None
+    n_latents: int = DEFAULT_LATENTS
+    kind: str = None
+    vision_norm: float = None       # gap.json: mean norm of the training targets (informational)
+    path: str = ""
+
+    @property
+    def device(self):
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.model.lm_head.weight.dtype
+
+
+def load(model_dir, dtype=torch.float32, device="cpu"):
+    """A train.py output folder (gap.json + latent_head/pca safetensors) or a plain HF checkpoint (modes raw and
+    zero only). Every inconsistency between gap.json, the tokenizer and the head files is an error naming the file."""
+    path = Path(model_dir)
+    device = torch.device(device)
+    m = gapmodel.load_pretrained(path, dtype=dtype, device=device)
+    tok = prepare.load_tokenizer(path)
+    ids = prepare.token_ids(tok)
+    prepare.check_latent_ids(tok, m.cfg)
+    bundle = Bundle(model=m, tok=tok, ids=ids, path=str(path))
+    gap_file = path / "gap.json"
+    if not gap_file.exists():
+        return bundle                            # plain checkpoint: no head, no basis, N from --latents
+    if (path / "pca.safetensors").exists():
+        bundle.basis = latent_head.PCABasis.load(path / "pca.safetensors", device=device)
+    try:
+        gap = json.loads(gap_file.read_text())
+        kind, n = gap["latent_head"], int(gap["n_latents"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{gap_file}: expected JSON with latent_head and n_latents ({type(e).__name__}: {e})") from None
+    if kind not in latent_head.KINDS:
+        raise ValueError(f"{gap_file}: latent_head {kind!r}, expected one of {latent_head.KINDS}")
+    # the ids the model was trained with must be the ids this tokenizer produces, or every span is misread
+    want = {k: gap.get("latent_ids", {}).get(k) for k in ("start", "pad", "end")}
+    have = {"start": ids["latent_start"], "pad": ids["latent_pad"], "end": ids["latent_end"]}
+    if gap.get("latent_ids") is not None and want != have:
+        raise ValueError(f"{gap_file}: latent_ids {want} differ from {path / 'tokenizer.json'}'s {have}")
+    if kind == "raw":
+        head = latent_head.RawFeedback()
+    else:
+        if kind == "pca" and bundle.basis is None:
+            raise ValueError(f"{gap_file}: latent_head 'pca' but {path / 'pca.safetensors'} is missing")
+        head = latent_head.load_head(path / "latent_head.safetensors", basis=bundle.basis, kind=kind, device=device)
+    bundle.head, bundle.kind, bundle.n_latents = head.float().eval(), kind, n
+    bundle.vision_norm = gap.get("vision_norm")
+    return bundle
+
+
+def check_mode(bundle, mode):
+    """Raise a ValueError saying why `mode` cannot run with what this folder holds."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    where = bundle.path or "this model"
+    if mode in ("pca", "full") and bundle.kind != mode:
+        has = f"a {bundle.kind!r} head (gap.json)" if bundle.kind else "no gap.json, i.e. a plain HF checkpoint"
+        raise ValueError(f"{where}: mode {mode!r} needs a trained {mode} latent head (latent_head.safetensors of "
+                         f"kind {mode!r} named by gap.json) but the folder has {has}; modes raw and zero work on any "
+                         f"checkpoint")
+    if mode == "noise" and bundle.basis is None:
+        raise ValueError(f"{where}: mode 'noise' samples PCA coefficients and needs pca.safetensors, which this "
+                         f"folder lacks; modes raw and zero work on any checkpoint")
+
+
+def available_modes(bundle):
+    out = []
+    for mode in MODES:
+        try:
+            check_mode(bundle, mode)
+            out.append(mode)
+        except ValueError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- the per-step pieces shared by the cached loop and the naive oracle ----
+
+
+def encode_prompts(bundle, images, questions):
+    """-> list of (input_ids list, pixel_values (N, 1176), image_grid_thw (1, 3)) per row."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    merge = bundle.model.cfg.vision.spatial_merge_size
+    out = []
+    for img, q in zip(images, questions):
+        pixel_values, grid = gapmodel.preprocess_image(img)
+        n_image_tokens = int(grid.prod()) // merge ** 2
+        out.append((prepare.prompt_ids(bundle.tok, q, n_image_tokens), pixel_values, grid))
+    return out
+
+
+def logit_bias(bundle, mode, device):
+    """Additive (V,) bias applied to text-mode logits: -inf on tokens that must never be sampled.
+    <|latent_pad|> and <|latent_end|> are only ever inserted by the loop (never supervised as free choices), the
+    embedding rows past the tokenizer are padding (Qwen: 152064 rows for 151668 tokens), and mode zero forbids
+    <|latent_start|>."""
+    V = bundle.model.cfg.text.vocab_size
+    bias = torch.zeros(V, device=device)
+    bias[bundle.tok.get_vocab_size():] = float("-inf")
+    bias[[bundle.ids["latent_pad"], bundle.ids["latent_end"]]] = float("-inf")
+    if mode == "zero":
+        bias[bundle.ids["latent_start"]] = float("-inf")
+    return bias
+
+
+def sample_tokens(logits, temperature, top_p, generator):
+    """(B, V) fp32 logits -> (B,) ids. Greedy at temperature 0; otherwise softmax(logits / T), nucleus top_p,
+    and the exponential-race trick (argmax p / q with q ~ Exp(1) is a draw from p) so nothing syncs with the host."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(dim=-1, descending=True)
+        drop = p.cumsum(-1) - p >= top_p           # keep the smallest prefix whose mass reaches top_p
+        probs = probs.scatter(-1, idx, p.masked_fill(drop, 0.0))
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
+
+
+def feedback(bundle, mode, h, ema, generator):
+    """The latent fed back at the next position from h̄ (B, D) -> (B, D) fp32. Computed for every row at every step
+    (rows in text mode discard it): a few small matmuls, cheaper than a data-dependent branch, and the noise draws
+    then depend only on the step count, so the naive oracle reproduces them."""
+    if mode == "noise":
+        v = latent_head.noise_latents(bundle.basis, (h.shape[0],), generator=generator)
+    elif mode == "raw":
+        v = h.float()
+    elif mode in ("pca", "full"):
+        v = bundle.head(h)
+    else:                                           # zero: never fed (no span ever opens); keep shapes uniform
+        v = torch.zeros_like(h, dtype=torch.float32)
+    return ema(v) if ema is not None else v
+
+
+def image_ema(bundle, x, input_ids):
+    """EMANorm whose mean is the per-row mean norm of that row's query-image embeddings: one EMANorm per row is
+    seeded (latent_head's API), and their tensor means are stacked into a (B, 1) mean that broadcasts over the batch."""
+    is_image = input_ids == bundle.model.cfg.image_token_id
+    means = []
+    for b in range(x.shape[0]):
+        e = latent_head.EMANorm()
+        e.seed(x[b][is_image[b]])                   # (n_img, D) merged ViT embeddings as placed in the sequence
+        means.append(e.mean)
+    ema = latent_head.EMANorm()
+    ema.mean = torch.stack(means)[:, None]          # (B, 1)
+    return ema
+
+
+class LoopState:
+    """Per-row state of the text/latent state machine, all (B,) device tensors (no host sync to update it)."""
+
+    def __init__(self, B, device):
+        self.latent = torch.zeros(B, dtype=torch.bool, device=device)   # row is inside a latent span
+        self.left = torch.zeros(B, dtype=torch.long, device=device)     # latents still to feed in the span
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)     # row emitted <|im_end|> / <|endoftext|>
+
+    def step(self, bundle, logits, bias, n_latents, temperature, top_p, generator):
+        """Decide what every row feeds at this position. Returns (token (B,), use_latent (B,), valid (B,)):
+        use_latent rows feed v, the others the token's embedding; valid is False for rows finished before this step."""
+        ids = bundle.ids
+        tok = sample_tokens(logits + bias, temperature, top_p, generator)
+        use_latent = self.latent & (self.left > 0)
+        close = self.latent & (self.left == 0)                           # span complete: force <|latent_end|>
+        tok = torch.where(close, ids["latent_end"], tok)
+        tok = torch.where(use_latent, ids["latent_pad"], tok)            # recorded id of a latent position
+        valid = ~self.done
+        tok = torch.where(valid, tok, ids["endoftext"])                  # finished rows feed pads harmlessly
+        use_latent = use_latent & valid
+        text = valid & ~self.latent
+        opened = text & (tok == ids["latent_start"])
+        self.left = torch.where(use_latent, self.left - 1, torch.where(opened, n_latents, self.left))
+        self.latent = (self.latent & ~close) | opened
+        self.done = self.done | (text & ((tok == ids["im_end"]) | (tok == ids["endoftext"])))
+        return tok, use_latent, valid
+
+
+def finish_rows(bundle, toks, is_lat, norms, valid, hidden=None, latents=None):
+    """Host-side assembly of the per-row dicts from the (B, M) step records."""
+    ids, rows = bundle.ids, []
+    toks, is_lat, norms, valid = toks.cpu(), is_lat.cpu(), norms.float().cpu(), valid.cpu()
+    for b in range(toks.shape[0]):
+        n = int(valid[b].sum())                     # valid steps form a prefix: a row never un-finishes
+        t, lat, nrm = toks[b, :n].tolist(), is_lat[b, :n].tolist(), norms[b, :n].tolist()
+        spans, pieces, text_ids, span = [], [], [], None
+        for tid, is_l, nv in zip(t, lat, nrm):
+            if is_l:
+                span = span or {"count": 0, "norm_sum": 0.0}
+                span["count"] += 1
+                span["norm_sum"] += nv
+                continue
+            if tid == ids["latent_start"]:
+                span = {"count": 0, "norm_sum": 0.0}
+            elif tid == ids["latent_end"] and span is not None:
+                pieces.append(bundle.tok.decode(text_ids, skip_special_tokens=True))
+                pieces.append(prepare.LATENT_PLACEHOLDER)
+                spans.append(span)
+                text_ids, span = [], None
+            elif tid not in (ids["im_end"], ids["endoftext"]):
+                text_ids.append(tid)
+        if span is not None:                        # a span cut by the token limit still counts
+            pieces.append(bundle.tok.decode(text_ids, skip_special_tokens=True))
+            pieces.append(prepare.LATENT_PLACEHOLDER)
+            spans.append(span)
+            text_ids = []
+        pieces.append(bundle.tok.decode(text_ids, skip_special_tokens=True))
+        row = {"text": "".join(pieces), "token_ids": t, "n_generated": n,
+               "latent_spans": [{"count": s["count"], "mean_norm": s["norm_sum"] / max(s["count"], 1)}
+                                for s in spans]}
+        if hidden is not None:
+            row["hidden"] = hidden[b, :n].float().cpu()                  # h̄ that decided each step
+            row["latents"] = latents[b, :n][is_lat[b, :n]].float().cpu()  # the vectors actually fed
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- generation ----
+
+
+@torch.no_grad()
+def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperature=0.0, top_p=1.0, n_latents=None,
+             ema_norm=False, seed=0, debug=False):
+    """Batched generation. images: PIL images or paths; questions: strings. Returns one dict per row:
+    {"text" (spans as "<latent>"), "token_ids" (latent positions as <|latent_pad|>), "latent_spans": [{"count",
+    "mean_norm"}], "n_generated" (positions, latents included)}; debug=True adds "hidden" and "latents" tensors."""
+    check_mode(bundle, mode)
+    m, dev, B = bundle.model, bundle.device, len(images)
+    N = bundle.n_latents if n_latents is None else int(n_latents)
+    if N < 0 or max_new_tokens < 1:
+        raise ValueError(f"n_latents must be >= 0 and max_new_tokens >= 1 (got {N}, {max_new_tokens})")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    rows = encode_prompts(bundle, images, questions)
+
+    # ---- left-padded prefill ----
+    T0 = max(len(r[0]) for r in rows)
+    input_ids = torch.full((B, T0), bundle.ids["endoftext"], dtype=torch.long)
+    mask = torch.zeros(B, T0, dtype=torch.long)
+    for b, (p, _, _) in enumerate(rows):
+        input_ids[b, T0 - len(p):] = torch.tensor(p)
+        mask[b, T0 - len(p):] = 1
+    input_ids, mask = input_ids.to(dev), mask.to(dev)
+    pixel_values = torch.cat([r[1] for r in rows]).to(dev)
+    grid = torch.cat([r[2] for r in rows]).to(dev)
+    x = m.embed(input_ids, pixel_values, grid)                                  # (B, T0, D)
+    pos, rope_deltas = m.position_ids(input_ids, grid, mask)                    # (3, B, T0), (B,)
+    ema = image_ema(bundle, x, input_ids) if ema_norm else None
+    S = T0 + max_new_tokens                                                     # every slot we can ever write
+    m.setup_cache(B, S, device=dev)
+    # later slots are real for every row (finished rows write harmless pads); causality hides future slots
+    cache_mask = torch.cat([mask, torch.ones(B, max_new_tokens, dtype=mask.dtype, device=dev)], dim=1)  # (B, S)
+    try:
+        h = m.decode(x, pos, cache_mask, input_pos=torch.arange(T0, device=dev))[:, -1]   # (B, D) h̄ at the last slot
+
+        # ---- decode: one position per row per step, text and latent rows in the same step ----
+        state, bias = LoopState(B, dev), logit_bias(bundle, mode, dev)
+        toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+        is_lat = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
+        valid = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
+        norms = torch.zeros(B, max_new_tokens, device=dev)
+        hidden = torch.zeros(B, max_new_tokens, h.shape[-1], device=dev) if debug else None
+        lat_out = torch.zeros(B, max_new_tokens, h.shape[-1], device=dev) if debug else None
+        slots = torch.arange(T0, S, device=dev)                                 # cache slot of each step's input
+        for i in range(max_new_tokens):
+            logits = m.lm_head(h).float()                                        # (B, V)
+            v = feedback(bundle, mode, h, ema, gen).to(x.dtype)                 # (B, D) in the trunk dtype
+            tok, use_latent, ok = state.step(bundle, logits, bias, N, temperature, top_p, gen)
+            toks[:, i], is_lat[:, i], valid[:, i] = tok, use_latent, ok
+            norms[:, i] = v.float().norm(dim=-1)
+            if debug:
+                hidden[:, i], lat_out[:, i] = h.float(), v.float()
+            if i == max_new_tokens - 1:
+                break                                                           # the last choice needs no forward
+            if i % EARLY_EXIT_EVERY == EARLY_EXIT_EVERY - 1 and bool(state.done.all()):
+                break
+            inp = torch.where(use_latent[:, None], v, m.model.embed_tokens(tok))  # (B, D)
+            step_pos = (T0 + i + rope_deltas).view(1, B, 1).expand(3, B, 1)    # (3, B, 1) text position on all axes
+            h = m.decode(inp[:, None], step_pos, cache_mask, input_pos=slots[i:i + 1])[:, 0]   # (B, D)
+    finally:
+        m.clear_cache()
+    return finish_rows(bundle, toks, is_lat, norms, valid, hidden, lat_out)
+
+
+@torch.no_grad()
+def generate_naive(bundle, image, question, mode="pca", max_new_tokens=256, temperature=0.0, top_p=1.0,
+                   n_latents=None, ema_norm=False, seed=0, debug=False):
+    """The oracle: one row, no cache, the whole sequence of input embeddings re-run through the trunk each step,
+    with the same state machine and feedback. Returns the same dict as generate() for that row."""
+    check_mode(bundle, mode)
+    m, dev = bundle.model, bundle.device
+    N = bundle.n_latents if n_latents is None else int(n_latents)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    (p, pixel_values, grid), = encode_prompts(bundle, [image], [question])
+    input_ids = torch.tensor([p], device=dev)
+    grid = grid.to(dev)
+    x = m.embed(input_ids, pixel_values.to(dev), grid)                          # (1, T0, D)
+    pos, rope_deltas = m.position_ids(input_ids, grid)
+    ema = image_ema(bundle, x, input_ids) if ema_norm else None
+    state, bias, T0 = LoopState(1, dev), logit_bias(bundle, mode, dev), len(p)
+    toks, is_lat, valid, norms, hidden, lat_out = [], [], [], [], [], []
+    for i in range(max_new_tokens):
+        h = m.decode(x, pos)[:, -1]                                             # (1, D) recomputed from scratch
+        logits = m.lm_head(h).float()
+        v = feedback(bundle, mode, h, ema, gen).to(x.dtype)
+        tok, use_latent, ok = state.step(bundle, logits, bias, N, temperature, top_p, gen)
+        toks.append(tok), is_lat.append(use_latent), valid.append(ok), norms.append(v.float().norm(dim=-1))
+        hidden.append(h.float()), lat_out.append(v.float())
+        if bool(state.done[0]) or i == max_new_tokens - 1:
+            break
+        inp = torch.where(use_latent[:, None], v, m.model.embed_tokens(tok))
+        x = torch.cat([x, inp[:, None]], dim=1)                                 # (1, T + 1, D)
+        nxt = (T0 + i + rope_deltas).view(1, 1, 1).expand(3, 1, 1)
+        pos = torch.cat([pos, nxt], dim=2)                                      # (3, 1, T + 1)
+    st = lambda xs: torch.stack(xs, dim=1)                                      # list of (1, ...) -> (1, M, ...)
+    return finish_rows(bundle, st(toks), st(is_lat), st(norms), st(valid),
+                       st(hidden) if debug else None, st(lat_out) if debug else None)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- CLI ----
+
+
+def render(row, compact=True):
+    """The response with each latent span shown as <latent x36 |v|=12.3>."""
+    parts = row["text"].split(prepare.LATENT_PLACEHOLDER)
+    if len(parts) != len(row["latent_spans"]) + 1:                # the model wrote "<latent>" itself: show raw spans
+        return row["text"] + "".join(f" <latent x{s['count']} |v|={s['mean_norm']:.3g}>" for s in row["latent_spans"])
+    out = parts[0]
+    for s, part in zip(row["latent_spans"], parts[1:]):
+        out += (f"<latent x{s['count']} |v|={s['mean_norm']:.3g}>" if compact else prepare.LATENT_PLACEHOLDER) + part
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser, SampleOptions)
+    opts = SampleOptions(**vars(parser.parse_args(argv)))
+    device = resolve_device(opts.device)
+    bundle = load(opts.model, resolve_dtype(opts.dtype, device), device)
+    mode = opts.mode if opts.mode != "auto" else (bundle.kind or "zero")
+    t0 = time.perf_counter()
+    row = generate(bundle, [opts.image], [opts.question], mode=mode, max_new_tokens=opts.max_new_tokens,
+                   temperature=opts.temperature, top_p=opts.top_p, n_latents=None if opts.latents < 0 else opts.latents,
+                   ema_norm=opts.ema_norm, seed=opts.seed)[0]
+    dt = time.perf_counter() - t0
+    if opts.json:
+        print(json.dumps({**row, "mode": mode, "seconds": dt}, indent=2))
+    else:
+        print(render(row))
+        n_lat = sum(s["count"] for s in row["latent_spans"])
+        print(f"[{mode}: {row['n_generated']} positions, {n_lat} latents in {len(row['latent_spans'])} spans, "
+              f"{dt:.2f}s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""
+GAP training: LM loss + lambda_latent x latent MSE (Eq. 2) with teacher forcing, on a prepared folder.
+
+    python prepare.py synthetic --out data/synthetic        # once: tiny model + data, no download
+    python train.py                                          # tiny model on data/synthetic (CPU is fine)
+    python train.py --global-batch 8 --lr 1e-3 --epochs 4    # what `make demo` runs
+    torchrun --standalone --nproc_per_node=8 train.py --data DIR --model CKPT [--fsdp] [--compile]
+
+One process runs the same code as torchrun (RANK / LOCAL_RANK / WORLD_SIZE). Defaults are the paper's: AdamW lr 1e-5
+(head 1e-5), weight decay 0.01 on matrices, cosine schedule with 3% warmup, global batch 128, micro-batch 1, 2 epochs,
+bf16 autocast on CUDA, seed 12345. The output folder is a loadable checkpoint for sample.py and eval.py.
+
+Teacher forcing (DESIGN "Latent loop"): the input at latent pad j is the target v_j; the head reads h̄ at the
+position before pad j and predicts v̂_j; L = L_LM + lambda_latent * L_latent, each summed and divided by its global
+count (tokens, latents) over the whole optimizer step and all ranks. Records whose base-model accuracy is > tau lose
+their latent spans at load time (plain text supervision), so one prepared folder serves any tau.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import latent_head as lh
+import model as qm
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/synthetic/prepared"   # a folder written by `prepare.py build`
+    model: str = "data/synthetic/model"     # HF checkpoint folder (config.json + safetensors)
+    out: str = "out/gap"                    # final checkpoint folder (+ checkpoints/ and metrics.jsonl inside)
+    latent_head: str = "pca"                # pca (GAP) | full (d->d ablation) | raw (output-as-input baseline)
+    lambda_latent: float = 1.0              # weight of L_latent (Eq. 2)
+    tau: float = 0.0                        # keep latent spans only for records with accuracy <= tau
+    scheduled_sampling: float = 0.0         # probability of feeding the model's own detached latent (2nd pass)
+    repa_layer: int = -1                    # VaLR: align this layer's state at latent positions (-1: off)
+    repa_weight: float = 0.0                # VaLR: weight of the -cos loss
+    lr: float = 1e-5                        # backbone learning rate
+    head_lr: float = 1e-5                   # latent head (and VaLR projector) learning rate
+    weight_decay: float = 0.01              # on matrices only
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    epochs: int = 2
+    global_batch: int = 128                 # examples per optimizer step, over all ranks and accumulation steps
+    micro_batch: int = 1                    # examples per forward
+    train_vision: bool = False              # the ViT + merger stay frozen unless set
+    compile: bool = False                   # torch.compile each decoder block
+    fsdp: bool = False                      # FSDP2: shard params/grads/optimizer per decoder block (7B on 80 GB)
+    activation_checkpointing: bool = False  # recompute each block in backward
+    device: str = "auto"                    # auto | cpu | cuda
+    save_every: int = 0                     # checkpoint every N steps (0: only at the end)
+    resume: bool = False                    # continue from OUT/checkpoints/last exactly
+    stop_after: int = 0                     # stop after this many steps (simulates an interruption; 0: run all)
+    seed: int = 12345
+    log_every: int = 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- distributed (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; one process runs the same code) ----
+
+
+def dist_init(cfg):
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def all_sum(x, world):
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def print0(*a, rank=0, **k):
+    if rank == 0:
+        print(*a, **k, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- data: prepared records, latent targets, stripping by tau ----
+
+
+class Records:
+    """The prepared folder: records.jsonl (token ids, labels, image path) and targets-*.safetensors (per record id,
+    (n_spans, N, d)). Spans of records with accuracy > tau are stripped here, so any tau reuses one folder."""
+
+    def __init__(self, folder, tau):
+        folder = Path(folder)
+        if not (folder / "records.jsonl").exists():
+            hint = " (run `python prepare.py synthetic --out data/synthetic` first)" if "synthetic" in str(folder) else ""
+            raise FileNotFoundError(f"{folder}/records.jsonl not found: not a prepared folder{hint}")
+        self.folder, self.tau = folder, tau
+        self.manifest = json.loads((folder / "manifest.json").read_text())
+        ids = self.manifest["latent_ids"]
+        self.start_id, self.pad_id, self.end_id = ids["start"], ids["pad"], ids["end"]
+        self.n_latents = self.manifest["n_latents"]
+        self.records, self.where = [], {}
+        for line_no, line in enumerate((folder / "records.jsonl").read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            for key in ("id", "image", "input_ids", "labels"):
+                if key not in r:
+                    raise ValueError(f"{folder}/records.jsonl line {line_no}: field {key!r} missing")
+            if len(r["input_ids"]) != len(r["labels"]):
+                raise ValueError(f"{folder}/records.jsonl line {line_no} (id {r['id']}): input_ids and labels differ "
+                                 f"in length ({len(r['input_ids'])} vs {len(r['labels'])})")
+            self.records.append(r)
+        for shard in sorted(folder.glob("targets-*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                self.where.update({k: shard for k in f.keys()})
+        self.strip = [r.get("accuracy") is not None and r["accuracy"] > tau for r in self.records]
+
+    def __len__(self):
+        return len(self.records)
+
+    def get(self, i):
+        """-> dict(input_ids, labels (T,), image path, targets (n_latents_total, d) float32 or None)."""
+        r = self.records[i]
+        ids, labels = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
+        n_spans = int((ids == self.start_id).sum())
+        if self.strip[i] or n_spans == 0:
+            keep = (ids != self.start_id) & (ids != self.pad_id) & (ids != self.end_id)
+            return dict(id=r["id"], input_ids=ids[keep], labels=labels[keep], image=r["image"], targets=None)
+        if r["id"] not in self.where:
+            raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} latent span(s) but no targets tensor")
+        with safe_open(str(self.where[r["id"]]), framework="pt") as f:
+            t = f.get_tensor(r["id"])                                        # (n_spans, N, d) bf16
+        n_pads = int((ids == self.pad_id).sum())
+        if t.shape[0] != n_spans or t.shape[0] * t.shape[1] != n_pads:
+            raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} spans / {n_pads} latent pads but "
+                             f"targets of shape {tuple(t.shape)}")
+        return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=t.flatten(0, 1).float())
+
+
+def collate(examples, fill_id):
+    """Right-pad a micro-batch: with causal attention no real token ever sees the padding, so no mask is needed."""
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), fill_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    mask = torch.zeros(len(examples), T, dtype=torch.long)
+    pv, grids, targets = [], [], []
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[b, :n], labels[b, :n], mask[b, :n] = e["input_ids"], e["labels"], 1
+        p, g = qm.preprocess_image(e["image"])
+        pv.append(p)
+        grids.append(g)
+        if e["targets"] is not None:
+            targets.append(e["targets"])
+    d = dict(input_ids=ids, labels=labels, attention_mask=mask, pixel_values=torch.cat(pv),
+             image_grid_thw=torch.cat(grids), ids=[e["id"] for e in examples])
+    d["targets"] = torch.cat(targets) if targets else None
+    return d
+
+
+def step_indices(n, cfg, step, world):
+    """The examples of optimizer step `step` (epoch-wise permutations from the seed): a pure function of the step,
+    so resuming needs only the step number. Each rank takes every world-th example of the global batch."""
+    steps_per_epoch = n // cfg.global_batch
+    epoch, s = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    return perm[s * cfg.global_batch:(s + 1) * cfg.global_batch]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- the model being trained: the VLM, the latent head, and (optionally) the VaLR projector ----
+
+
+class GAP(nn.Module):
+    def __init__(self, vlm, head, valr=None, repa_layer=-1):
+        super().__init__()
+        self.vlm, self.head, self.valr, self.repa_layer = vlm, head, valr, repa_layer
+
+    def forward(self, batch, pad_id, ss_prob=0.0):
+        """-> (lm_sum, latent_sum, valr_sum): sums over this micro-batch; the caller divides by global counts."""
+        m, ids = self.vlm, batch["input_ids"]
+        x = m.embed(ids, batch["pixel_values"], batch["image_grid_thw"])   # (B, T, D)
+        pos, _ = m.position_ids(ids, batch["image_grid_thw"], batch["attention_mask"])
+        lat = ids == pad_id                                                 # (B, T) latent pads
+        prev = F.pad(lat[:, 1:], (0, 1))                                    # (B, T) the position before each pad
+        v = batch["targets"]                                                # (n_lat, d) in row-major order
+        if v is not None:
+            if ss_prob > 0:
+                # scheduled sampling: a no-grad teacher-forced pass predicts every latent, then a random subset of
+                # the inputs is replaced by those detached predictions for the pass that is trained
+                with torch.no_grad():
+                    h0 = m.decode(x.masked_scatter(lat[..., None], v.to(x.dtype)), pos)
+                    v_own = self.head(h0[prev]).float()
+                pick = torch.rand(v.shape[0], device=v.device) < ss_prob
+                v_in = torch.where(pick[:, None], v_own, v)
+            else:
+                v_in = v
+            x = x.masked_scatter(lat[..., None], v_in.to(x.dtype))          # teacher forcing: input at pad j is v_j
+        use_valr = self.valr is not None
+        h, layers = m.decode(x, pos, return_layers=True) if use_valr else (m.decode(x, pos), None)
+        logits = m.lm_head(h[:, :-1]).float()                               # (B, T-1, V): predicts token t+1
+        lm_sum = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                                 reduction="sum")
+        if v is None:   # every span stripped: keep the head in the graph so DDP sees all its parameters
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return lm_sum, zero, zero
+        v_hat = self.head(h[prev])                                          # Eq. 1, (n_lat, d) fp32
+        lat_sum = lh.latent_loss(v_hat, v, reduction="sum")                 # Eq. 2 (summed; mean taken by caller)
+        valr_sum = h.new_zeros((), dtype=torch.float32)
+        if use_valr:
+            valr_sum = -F.cosine_similarity(self.valr(layers[self.repa_layer][prev]), v, dim=-1).sum()
+        return lm_sum, lat_sum, valr_sum
+
+
+def build(cfg, records, device, rank, world):
+    vlm = qm.load_pretrained(cfg.model, dtype=torch.float32, device=device)   # fp32 master weights; bf16 autocast
+    vocab = vlm.cfg.text.vocab_size
+    if max(records.start_id, records.pad_id, records.end_id) >= vocab:
+        raise ValueError(f"latent token ids {records.start_id}..{records.end_id} from {cfg.data}/manifest.json are "
+                         f">= the embedding's {vocab} rows in {cfg.model}")
+    d = vlm.cfg.text.hidden_size
+    basis = lh.PCABasis.load(Path(cfg.data) / "pca.safetensors") if cfg.latent_head == "pca" else None
+    head = lh.make_head(cfg.latent_head, d, basis).to(device)
+    valr = None
+    if cfg.repa_layer >= 0:
+        if cfg.repa_layer > vlm.cfg.text.num_hidden_layers:
+            raise ValueError(f"--repa-layer {cfg.repa_layer} > {vlm.cfg.text.num_hidden_layers} layers")
+        valr = lh.VaLRProjector(d, d).to(device)
+    for p in vlm.visual.parameters():
+        p.requires_grad_(cfg.train_vision)
+    if cfg.activation_checkpointing:
+        for layer in vlm.model.layers:   # recompute each block in backward; state_dict keys stay the same
+            layer.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(layer.forward)
+    if cfg.compile:
+        for layer in vlm.model.layers:   # in-place Module.compile keeps the uncompiled names for saving
+            layer.compile()
+    gap = GAP(vlm, head, valr, cfg.repa_layer)
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in vlm.model.layers:
+            fully_shard(layer)
+        fully_shard(gap)
+        wrapped = gap
+    elif world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(gap, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        wrapped = gap
+    # two parameter groups (backbone lr, head lr), weight decay on matrices only (not norms, biases)
+    groups = []
+    for params, lr in ((vlm.parameters(), cfg.lr), ([*head.parameters(), *(valr.parameters() if valr else [])], cfg.head_lr)):
+        params = [p for p in params if p.requires_grad]
+        groups += [dict(params=[p for p in params if p.dim() >= 2], lr=lr, weight_decay=cfg.weight_decay),
+                   dict(params=[p for p in params if p.dim() < 2], lr=lr, weight_decay=0.0)]
+    groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return gap, wrapped, opt, basis
+
+
+def lr_factor(step, total, warmup_ratio):
+    warmup = max(1, math.ceil(total * warmup_ratio))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- checkpoints: atomic, complete, resumable ----
+
+
+def full_state(gap, opt, cfg):
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        return get_state_dict(gap, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return gap.state_dict(), opt.state_dict()
+
+
+def save_checkpoint(gap, opt, cfg, step, rank):
+    model_sd, opt_sd = full_state(gap, opt, cfg)
+    if rank != 0:
+        return
+    root = Path(cfg.out) / "checkpoints"
+    tmp, final = root / f"tmp-{step}", root / "last"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()
+               if not (k == "vlm.lm_head.weight" and gap.vlm.cfg.tie_word_embeddings)}, tmp / "model.safetensors")
+    rng = dict(torch=torch.get_rng_state())   # all training randomness (scheduled sampling) draws from torch
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(dict(optimizer=opt_sd, step=step, rng=rng, config=dataclasses.asdict(cfg)), tmp / "state.pt")
+    old = root / "old"
+    if final.exists():
+        final.rename(old)       # swap, then delete: a crash leaves either the old or the new one whole
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(gap, opt, cfg):
+    root = Path(cfg.out) / "checkpoints" / "last"
+    if not (root / "state.pt").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {root}")
+    with safe_open(str(root / "model.safetensors"), framework="pt") as f:
+        model_sd = {k: f.get_tensor(k) for k in f.keys()}
+    if gap.vlm.cfg.tie_word_embeddings:
+        model_sd["vlm.lm_head.weight"] = model_sd["vlm.model.embed_tokens.weight"]
+    # weights_only: optimizer tensors, ints, floats and RNG byte tensors only; nothing in it is ever executed
+    state = torch.load(root / "state.pt", weights_only=True)
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(gap, opt, model_state_dict=model_sd, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        gap.load_state_dict(model_sd, strict=True)
+        opt.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"]
+
+
+def export(gap, cfg, records, basis, rank):
+    """The final folder: HF-layout model + tokenizer + latent head + PCA basis + gap.json (what sample.py reads)."""
+    model_sd = None
+    if cfg.fsdp:   # gather the sharded parameters (a collective: every rank takes part)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        model_sd = get_model_state_dict(gap, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    out = Path(cfg.out)
+    vlm = gap.vlm
+    if model_sd is not None:
+        vlm.load_state_dict({k[4:]: v for k, v in model_sd.items() if k.startswith("vlm.")}, strict=False)
+    qm.save_pretrained(vlm, out)
+    shutil.copy(Path(cfg.data) / "tokenizer.json", out / "tokenizer.json")
+    if cfg.latent_head != "raw":
+        lh.save_head(gap.head, out / "latent_head.safetensors")
+    if basis is not None:
+        basis.save(out / "pca.safetensors")
+    vision_norm = float(basis.mu.norm()) if basis is not None else None
+    gap_json = dict(latent_head=cfg.latent_head, n_latents=records.n_latents, tau=cfg.tau,
+                    latent_ids=dict(start=records.start_id, pad=records.pad_id, end=records.end_id),
+                    vision_norm=records.manifest.get("target_norm", vision_norm), lambda_latent=cfg.lambda_latent)
+    (out / "gap.json").write_text(json.dumps(gap_json, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- the loop ----
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16
+
+
+def main(cfg):
+    rank, world, device = dist_init(cfg)
+    torch.manual_seed(cfg.seed)
+    records = Records(cfg.data, cfg.tau)
+    per_rank = cfg.global_batch // world
+    if cfg.global_batch % world or per_rank % cfg.micro_batch:
+        raise ValueError(f"--global-batch {cfg.global_batch} must split into {world} ranks x micro-batches of "
+                         f"{cfg.micro_batch}")
+    accum = per_rank // cfg.micro_batch
+    steps_per_epoch = len(records) // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data}: {len(records)} records < --global-batch {cfg.global_batch}")
+    total = steps_per_epoch * cfg.epochs
+    gap, wrapped, opt, basis = build(cfg, records, device, rank, world)
+    n_params = sum(p.numel() for p in gap.parameters())
+    n_train = sum(p.numel() for p in gap.parameters() if p.requires_grad)
+    print0(f"params {n_params / 1e6:.2f}M ({n_train / 1e6:.2f}M trained) | records {len(records)} "
+           f"({sum(records.strip)} stripped by tau={cfg.tau}) | {world} rank(s) x {accum} accumulation x "
+           f"micro-batch {cfg.micro_batch} = {cfg.global_batch} | {total} steps | {device}", rank=rank)
+    fill_id = gap.vlm.cfg.bos_token_id   # <|endoftext|>, Qwen's pad token, fills the right padding
+    step = load_checkpoint(gap, opt, cfg) if cfg.resume else 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = open(out / "metrics.jsonl", "a" if cfg.resume else "w") if rank == 0 else None
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    while step < total:
+        t0 = time.time()
+        idx = step_indices(len(records), cfg, step, world)[rank::world]
+        micro = [collate([records.get(i) for i in idx[j:j + cfg.micro_batch]], fill_id)
+                 for j in range(0, len(idx), cfg.micro_batch)]
+        # global counts first, so every micro-batch's sum is divided by the same number (STYLE 17)
+        counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                               sum(0 if b["targets"] is None else b["targets"].shape[0] for b in micro)],
+                              dtype=torch.float64, device=device)
+        n_tok, n_lat = all_sum(counts, world).tolist()
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup_ratio)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        for j, b in enumerate(micro):
+            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+            sync = j == len(micro) - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
+            ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()   # all-reduce on the last only
+            with ctx, autocast:
+                lm_sum, lat_sum, valr_sum = wrapped(b, records.pad_id, cfg.scheduled_sampling)
+                loss = lm_sum / max(n_tok, 1) + cfg.lambda_latent * lat_sum / max(n_lat, 1) \
+                    + cfg.repa_weight * valr_sum / max(n_lat, 1)
+                # DDP averages gradients over ranks; the loss is already a global mean, so undo that average
+                (loss * (world if world > 1 and not cfg.fsdp else 1)).backward()
+            sums += torch.stack([lm_sum.detach(), lat_sum.detach(), valr_sum.detach()]).double()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}, batch ids {b['ids']}: lm {lm_sum.item()} "
+                                         f"latent {lat_sum.item()}; the last good checkpoint is in {out}/checkpoints")
+        if cfg.fsdp and world > 1:   # FSDP2 reduce-scatters with an average; the loss is a global mean already
+            for p in gap.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(world)
+        gnorm = nn.utils.clip_grad_norm_(gap.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        sums = all_sum(sums, world)
+        lm, lat, valr = sums[0].item() / max(n_tok, 1), sums[1].item() / max(n_lat, 1), sums[2].item() / max(n_lat, 1)
+        dt = time.time() - t0
+        tok_s = sum(int(b["attention_mask"].sum()) for b in micro) * world / dt
+        mfu = 6 * n_train * tok_s / (peak * world) if peak else None
+        row = dict(step=step, lm_loss=lm, latent_loss=lat, valr_loss=valr, lr=opt.param_groups[0]["lr"],
+                   grad_norm=float(gnorm), tokens_per_s=tok_s, mfu=mfu, n_latents=int(n_lat))
+        if rank == 0:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            if step % cfg.log_every == 0 or step == total:
+                eta = (total - step) * dt
+                bar.write(f"step {step}/{total} | lm {lm:.4f} | latent {lat:.4f}" + (f" | valr {valr:.4f}" if
+                          cfg.repa_layer >= 0 else "") + f" | lr {row['lr']:.2e} | {tok_s:.0f} tok/s" +
+                          (f" | mfu {mfu:.1%}" if mfu else "") + f" | eta {eta:.0f}s")
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            save_checkpoint(gap, opt, cfg, step, rank)
+        if cfg.stop_after and step >= cfg.stop_after and step < total:
+            save_checkpoint(gap, opt, cfg, step, rank)
+            print0(f"stopped after step {step} (--stop-after); continue with --resume", rank=rank)
+            break
+    else:
+        save_checkpoint(gap, opt, cfg, step, rank)
+        export(gap, cfg, records, basis, rank)
+        print0(f"wrote {out} (model, tokenizer, latent head, PCA basis, gap.json)", rank=rank)
+    bar.close()
+    if metrics:
+        metrics.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return gap
+
+
+if __name__ == "__main__":
+    main(parse_args())
