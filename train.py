@@ -127,6 +127,7 @@ class Records:
         ids = self.manifest["latent_ids"]
         self.start_id, self.pad_id, self.end_id = ids["start"], ids["pad"], ids["end"]
         self.n_latents = self.manifest["n_latents"]
+        self.pixels = (self.manifest.get("image_min_pixels", 56 * 56), self.manifest.get("image_max_pixels", 28 * 28 * 1280))
         self.records, self.where = [], {}
         for line_no, line in enumerate((folder / "records.jsonl").read_text().splitlines(), 1):
             if not line.strip():
@@ -166,7 +167,7 @@ class Records:
         return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=t.flatten(0, 1).float())
 
 
-def collate(examples, fill_id):
+def collate(examples, fill_id, pixels=(56 * 56, 28 * 28 * 1280)):
     """Right-pad a micro-batch: with causal attention no real token ever sees the padding, so no mask is needed."""
     T = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), T), fill_id, dtype=torch.long)
@@ -176,7 +177,7 @@ def collate(examples, fill_id):
     for b, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[b, :n], labels[b, :n], mask[b, :n] = e["input_ids"], e["labels"], 1
-        p, g = qm.preprocess_image(e["image"])
+        p, g = qm.preprocess_image(e["image"], *pixels)   # the limits prepare.py counted image tokens with
         pv.append(p)
         grids.append(g)
         if e["targets"] is not None:
@@ -368,10 +369,10 @@ def export(gap, cfg, records, basis, rank):
         lh.save_head(gap.head, out / "latent_head.safetensors")
     if basis is not None:
         basis.save(out / "pca.safetensors")
-    vision_norm = float(basis.mu.norm()) if basis is not None else None
     gap_json = dict(latent_head=cfg.latent_head, n_latents=records.n_latents, tau=cfg.tau,
                     latent_ids=dict(start=records.start_id, pad=records.pad_id, end=records.end_id),
-                    vision_norm=records.manifest.get("target_norm", vision_norm), lambda_latent=cfg.lambda_latent)
+                    vision_norm=records.manifest["target_norm"], lambda_latent=cfg.lambda_latent,
+                    image_min_pixels=records.pixels[0], image_max_pixels=records.pixels[1])
     (out / "gap.json").write_text(json.dumps(gap_json, indent=2) + "\n")
 
 
@@ -411,7 +412,7 @@ def main(cfg):
     while step < total:
         t0 = time.time()
         idx = step_indices(len(records), cfg, step, world)[rank::world]
-        micro = [collate([records.get(i) for i in idx[j:j + cfg.micro_batch]], fill_id)
+        micro = [collate([records.get(i) for i in idx[j:j + cfg.micro_batch]], fill_id, records.pixels)
                  for j in range(0, len(idx), cfg.micro_batch)]
         # global counts first, so every micro-batch's sum is divided by the same number (STYLE 17)
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),

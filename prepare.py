@@ -1,0 +1,687 @@
+"""Data preparation for GAP: tokenizer and chat template, dataset validation, latent targets, PCA, synthetic data.
+
+The tokenizer/template half is a library (train.py, sample.py and eval.py import it); the rest is a CLI:
+
+    python prepare.py synthetic --out data/synthetic    # toy tasks + tiny random checkpoint + build, < 1 min on CPU
+    python prepare.py build --data F.jsonl --model CKPT --out DIR [--latents 36] [--pca-variance 0.95] [--skip-bad]
+    python prepare.py build --data F.jsonl --model Qwen2.5-VL-7B-Instruct --out DIR --device cuda --batch-size 256
+    .venv/bin/python -m pytest -q tests/test_prepare.py
+
+`build` validates every record (a bad one stops the build, or with --skip-bad is listed in the manifest: nothing is
+dropped silently), tokenizes it with its latent spans, runs each auxiliary image through the frozen ViT to get the N
+latent targets (bf16 safetensors shards, resumable), and fits the PCA basis of Eq. 1 over all target rows. Layout of
+the output folder: CONTRACT.md / DESIGN.md "Data". Stripping spans of easy records (accuracy > tau) is train.py's job.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tqdm import tqdm
+
+import latent_head
+import model
+
+# ---- options (argparse is generated from these dataclasses, STYLE 7) ----
+
+
+@dataclass
+class BuildOptions:
+    data: str = field(metadata={"help": "input JSONL, one record per line, paths relative to the file"})
+    model: str = field(metadata={"help": "checkpoint folder (config.json, *.safetensors, tokenizer.json)"})
+    out: str = field(metadata={"help": "output folder (records.jsonl, targets-*.safetensors, pca, manifest)"})
+    latents: int = field(default=36, metadata={"help": "N latents per span, a perfect square (6x6 = 36)"})
+    pca_variance: float = field(default=0.95, metadata={"help": "explained variance that picks k (Eq. 7)"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip bad records (listed in manifest and stderr)"})
+    batch_size: int = field(default=32, metadata={"help": "auxiliary images per ViT call"})
+    shard_size: int = field(default=1024, metadata={"help": "records per targets shard (the unit of resume)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
+    dtype: str = field(default="auto", metadata={"help": "ViT dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
+    workers: int = field(default=4, metadata={"help": "threads decoding images"})
+    min_pixels: int = field(default=56 * 56, metadata={"help": "question image: smart_resize min_pixels"})
+    max_pixels: int = field(default=28 * 28 * 1280, metadata={"help": "question image: smart_resize max_pixels"})
+
+
+@dataclass
+class SyntheticOptions:
+    out: str = field(metadata={"help": "output folder: raw/, model/, prepared/"})
+    n: int = field(default=600, metadata={"help": "examples in total (train + test)"})
+    seed: int = field(default=12345, metadata={"help": "everything (images, split, weights) follows from it"})
+    test_frac: float = field(default=0.2, metadata={"help": "fraction of examples in raw/test.jsonl"})
+    latents: int = field(default=36, metadata={"help": "N latents per span for the build step"})
+    device: str = field(default="auto", metadata={"help": "device for the build step"})
+
+
+def add_options(parser, cls):
+    for f in fields(cls):
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        elif f.default is MISSING:
+            parser.add_argument(flag, type=f.type, required=True, help=help_)
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=f"{help_} (default {f.default})")
+
+
+# ---- tokenizer and chat template (QWEN25VL.md §1.2, §6) ----
+
+# Qwen's 22 special tokens in id order (151643..151664); the synthetic tokenizer puts them at 643..664.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+LATENT_TOKENS = ("<|latent_start|>", "<|latent_pad|>", "<|latent_end|>")
+LATENT_PLACEHOLDER = "<latent>"   # in the data's `response`; one per auxiliary image
+SYSTEM_PROMPT = "You are a helpful assistant."
+IGNORE = -100                     # label of a position that is not supervised (torch cross_entropy ignore_index)
+_NAMES = {"endoftext": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>",
+          "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "image_pad": "<|image_pad|>",
+          "latent_start": LATENT_TOKENS[0], "latent_pad": LATENT_TOKENS[1], "latent_end": LATENT_TOKENS[2]}
+
+
+def load_tokenizer(path_or_dir):
+    """tokenizer.json (or a folder holding one) with the three latent tokens added as specials if missing.
+    tokenizers gives added tokens the next free ids: 151665..151667 for Qwen, 665..667 for the synthetic one."""
+    path = Path(path_or_dir)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json")
+    tok = Tokenizer.from_file(str(path))
+    missing = [t for t in LATENT_TOKENS if tok.token_to_id(t) is None]
+    # normalized=False: match the literal string; no lstrip/rstrip, so neighbouring spaces stay ordinary text
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return tok
+
+
+def check_latent_ids(tok, cfg):
+    """The latent tokens must index existing embedding rows: Qwen has 152064 rows for 151665 tokens, so they fit
+    without resizing; a checkpoint without spare rows would index out of range deep inside the embedding."""
+    ids = {t: tok.token_to_id(t) for t in LATENT_TOKENS}
+    bad = {t: i for t, i in ids.items() if i is None or i >= cfg.text.vocab_size}
+    if bad:
+        raise ValueError(f"latent token ids {bad} do not fit the model's {cfg.text.vocab_size} embedding rows "
+                         f"(config vocab_size); the tokenizer has {tok.get_vocab_size()} entries")
+    return ids
+
+
+def token_ids(tok):
+    """Ids of the template's special tokens (a missing one is an error: the template would silently break)."""
+    ids = {name: tok.token_to_id(t) for name, t in _NAMES.items()}
+    missing = [_NAMES[n] for n, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"tokenizer lacks the special token(s) {missing}")
+    return ids
+
+
+def _text_ids(tok, text):
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def prompt_ids(tok, question, n_image_tokens):
+    """system + user(image, question) + "<|im_start|>assistant\\n", with n_image_tokens <|image_pad|>.
+    Built piece by piece between special tokens: identical to encoding the whole string (added tokens split the
+    text the same way), but it never depends on the BPE spotting specials inside text."""
+    i = token_ids(tok)
+    return ([i["im_start"]] + _text_ids(tok, "system\n" + SYSTEM_PROMPT) + [i["im_end"]] + _text_ids(tok, "\n")
+            + [i["im_start"]] + _text_ids(tok, "user\n")
+            + [i["vision_start"]] + [i["image_pad"]] * n_image_tokens + [i["vision_end"]]
+            + _text_ids(tok, question) + [i["im_end"]] + _text_ids(tok, "\n")
+            + [i["im_start"]] + _text_ids(tok, "assistant\n"))
+
+
+def serialize_response(response, n_latents):
+    """Each "<latent>" -> <|latent_start|> + N x <|latent_pad|> + <|latent_end|> (the text form of the ids)."""
+    span = LATENT_TOKENS[0] + LATENT_TOKENS[1] * n_latents + LATENT_TOKENS[2]
+    return response.replace(LATENT_PLACEHOLDER, span)
+
+
+def build_example(tok, question, response, n_image_tokens, n_latents):
+    """-> (input_ids, labels), same length, NOT shifted (train.py shifts). Labels are IGNORE on the prompt, the
+    image pads and the latent pads; the response text is supervised, with <|latent_start|> (the model must learn
+    when to think in latents), <|latent_end|> and <|im_end|> (the stop token). The turn ends "<|im_end|>\\n" like
+    the chat template, but that "\\n" is masked: generation stops at <|im_end|>, so the "\\n" is never sampled."""
+    i = token_ids(tok)
+    prompt = prompt_ids(tok, question, n_image_tokens)
+    pieces = response.split(LATENT_PLACEHOLDER)
+    resp = _text_ids(tok, pieces[0])
+    for piece in pieces[1:]:
+        resp += [i["latent_start"]] + [i["latent_pad"]] * n_latents + [i["latent_end"]] + _text_ids(tok, piece)
+    tail = _text_ids(tok, "\n")
+    input_ids = prompt + resp + [i["im_end"]] + tail
+    labels = ([IGNORE] * len(prompt) + [IGNORE if t == i["latent_pad"] else t for t in resp] + [i["im_end"]]
+              + [IGNORE] * len(tail))
+    return input_ids, labels
+
+
+# ---- record validation ----
+
+
+class DataError(ValueError):
+    """A bad input record: the message names file, line, id and field."""
+
+
+class BadRecord(Exception):
+    def __init__(self, field_, reason):
+        super().__init__(reason)
+        self.field, self.reason = field_, reason
+
+
+def _describe(v):
+    s = json.dumps(v)
+    return f"{s[:40] + '...' if len(s) > 40 else s} ({type(v).__name__})"
+
+
+def _check_fields(obj, base):
+    """Cheap checks of one parsed line -> normalized record; raises BadRecord(field, reason)."""
+    if not isinstance(obj, dict):
+        raise BadRecord("record", f"expected a JSON object, found {_describe(obj)}")
+    for k in ("id", "image", "question", "response", "answer"):
+        if k not in obj:
+            raise BadRecord(k, "missing")
+        if not isinstance(obj[k], str) or (k in ("id", "image") and not obj[k]):
+            raise BadRecord(k, f"expected a non-empty string, found {_describe(obj[k])}" if k in ("id", "image")
+                            else f"expected a string, found {_describe(obj[k])}")
+    aux = obj.get("aux_images", MISSING)
+    if aux is MISSING:
+        raise BadRecord("aux_images", "missing (use [] for a record without <latent>)")
+    if not isinstance(aux, list) or not all(isinstance(a, str) and a for a in aux):
+        raise BadRecord("aux_images", f"expected a list of paths, found {_describe(aux)}")
+    acc = obj.get("accuracy")   # missing or null = never scored: train.py keeps its latent spans
+    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, (int, float))
+                            or not 0.0 <= acc <= 1.0):
+        raise BadRecord("accuracy", f"expected a number in [0, 1] or null, found {_describe(acc)}")
+    for k in ("question", "response"):
+        # a literal special token in the text would be tokenized as that token and break the template
+        hit = [t for t in QWEN_SPECIAL_TOKENS + LATENT_TOKENS if t in obj[k]]
+        if hit:
+            raise BadRecord(k, f"contains the reserved token {hit[0]!r}")
+    n = obj["response"].count(LATENT_PLACEHOLDER)
+    if n != len(aux):
+        raise BadRecord("aux_images", f"expected {n} entries for {n} {LATENT_PLACEHOLDER}, found {len(aux)}")
+    resolve = lambda p: str((base / p).resolve())   # absolute paths pass through `/` unchanged
+    return {"id": obj["id"], "image": resolve(obj["image"]), "question": obj["question"],
+            "response": obj["response"], "aux_images": [resolve(a) for a in aux], "answer": obj["answer"],
+            "accuracy": None if acc is None else float(acc)}
+
+
+def _square_rgb(path, side):
+    """Auxiliary image -> RGB side x side (bicubic; alpha onto white like the processor). Squashing rather than
+    cropping keeps all the evidence; the paper's aux images are crops and sketches, roughly square anyway."""
+    img = model.load_image(path)
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB").resize((side, side), resample=Image.BICUBIC)
+
+
+def aux_pixels(path, n_latents, vision):
+    """-> pixel_values, grid of a (28 sqrt N)^2 square: the ViT + 2x2 merger then gives exactly N embeddings."""
+    g, factor = math.isqrt(n_latents), vision.patch_size * vision.spatial_merge_size
+    side = factor * g   # 168 px for N = 36
+    pv, grid = model.preprocess_image(_square_rgb(path, side), min_pixels=side * side, max_pixels=side * side,
+                                      patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                      temporal_patch_size=vision.temporal_patch_size)
+    m = vision.spatial_merge_size
+    assert grid.tolist() == [[1, g * m, g * m]], f"{path}: grid {grid.tolist()} for a {side}px square"
+    return pv, grid
+
+
+def _check_images(rec, opts, vision):
+    """Decode the question image (-> number of <|image_pad|>) and every aux image; raises BadRecord."""
+    if not os.path.isfile(rec["image"]):
+        raise BadRecord("image", f"file not found: {rec['image']}")
+    try:
+        _, grid = model.preprocess_image(rec["image"], opts.min_pixels, opts.max_pixels, vision.patch_size,
+                                         vision.spatial_merge_size, vision.temporal_patch_size)
+    except ValueError as e:
+        raise BadRecord("image", f"cannot use the image: {e}") from None
+    for j, a in enumerate(rec["aux_images"]):
+        if not os.path.isfile(a):
+            raise BadRecord("aux_images", f"entry {j}: file not found: {a}")
+        try:   # decoding is what can fail; the square resize is redone in the targets pass anyway
+            model.load_image(a).close()
+        except ValueError as e:
+            raise BadRecord("aux_images", f"entry {j}: cannot use the image: {e}") from None
+    return int(grid.prod()) // vision.spatial_merge_size ** 2
+
+
+def read_records(opts, vision):
+    """Validate every line of opts.data -> (good records with n_image_tokens, skipped, n_records). Blank lines
+    are not records; every other line is either kept or reported."""
+    path, good, skipped, seen = Path(opts.data), [], [], {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        obj, rid = None, None
+        try:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadRecord("json", f"not valid JSON: {e}") from None
+            rid = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+            rec = _check_fields(obj, path.parent)
+            if rec["id"] in seen:
+                raise BadRecord("id", f"duplicate of line {seen[rec['id']]}")
+            seen[rec["id"]] = lineno
+            good.append((lineno, rec))
+        except BadRecord as e:
+            skipped.append({"line": lineno, "id": rid, "field": e.field, "reason": e.reason})
+    n_records = len(good) + len(skipped)
+
+    def check(item):   # images are the slow part: decode them on a thread pool (PIL releases the GIL)
+        try:
+            return _check_images(item[1], opts, vision)
+        except BadRecord as e:
+            return e
+    with ThreadPoolExecutor(max(1, opts.workers)) as pool:
+        results = list(tqdm(pool.map(check, good), total=len(good), desc="check images", disable=len(good) < 64))
+    kept = []
+    for (lineno, rec), r in zip(good, results):
+        if isinstance(r, BadRecord):
+            skipped.append({"line": lineno, "id": rec["id"], "field": r.field, "reason": r.reason})
+        else:
+            kept.append({**rec, "n_image_tokens": r})
+    skipped.sort(key=lambda s: s["line"])
+    return kept, skipped, n_records
+
+
+def format_bad(path, s):
+    who = f" (id {s['id']})" if s["id"] is not None else ""
+    return f"{path} line {s['line']}{who}: field '{s['field']}': {s['reason']}"
+
+
+# ---- latent targets (frozen ViT + merger on the aux images) ----
+
+
+def _fingerprint(recs, opts, dtype):
+    # A shard is reused on resume only if it was made from the same records, aux files, weights, N and dtype.
+    stat = lambda p: [os.path.getsize(p), os.stat(p).st_mtime_ns]
+    weights = sorted(str(p) for p in Path(opts.model).resolve().glob("*.safetensors"))
+    key = {"model": [[w, *stat(w)] for w in weights], "n_latents": opts.latents, "dtype": str(dtype),
+           "records": [[r["id"], [[a, *stat(a)] for a in r["aux_images"]]] for r in recs]}
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def _shard_is_done(path, fp):
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("fingerprint") == fp
+    except Exception:   # truncated or foreign file: recompute it
+        return False
+
+
+@torch.no_grad()
+def shard_targets(visual, recs, opts, vision, device, dtype, progress=None):
+    """-> {id: (n_spans, N, d) bf16} for a list of records. Aux images are batched across records, decoded on
+    threads; batches never cross a shard, so a resumed shard is bit-identical to an uninterrupted one."""
+    paths = [a for r in recs for a in r["aux_images"]]
+    out = []
+    with ThreadPoolExecutor(max(1, opts.workers)) as pool:
+        for s in range(0, len(paths), opts.batch_size):
+            items = list(pool.map(lambda p: aux_pixels(p, opts.latents, vision), paths[s:s + opts.batch_size]))
+            pv = torch.cat([p for p, _ in items]).to(device=device, dtype=dtype)   # (B * 4N, 1176)
+            grid = torch.cat([g for _, g in items]).to(device)                       # (B, 3)
+            v = visual(pv, grid).view(len(items), opts.latents, -1)                 # (B, N, d) raster order
+            out.extend(v.to(torch.bfloat16).cpu().unbind(0))
+            if progress is not None:
+                progress.update(len(items))
+    targets, k = {}, 0
+    for r in recs:
+        n = len(r["aux_images"])
+        targets[r["id"]] = torch.stack(out[k:k + n]).contiguous()   # own storage: safetensors refuses shared views
+        k += n
+    return targets
+
+
+def write_shard(targets, path, fp):
+    tmp = path.with_name(path.name + ".tmp")   # tmp + rename: a crash never leaves a half shard under its name
+    save_file(targets, str(tmp), metadata={"fingerprint": fp})
+    os.replace(tmp, path)
+
+
+def _atomic_text(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- build ----
+
+
+def build(opts):
+    """Validate, tokenize, compute targets, fit the PCA, write the prepared folder. Returns the manifest."""
+    g = math.isqrt(max(opts.latents, 0))
+    if opts.latents < 1 or g * g != opts.latents:
+        raise DataError(f"--latents {opts.latents}: expected a perfect square (N = g*g latents from a g x g grid "
+                        f"of merged patches, e.g. 36)")
+    out, data = Path(opts.out), Path(opts.data)
+    if not data.is_file():
+        raise FileNotFoundError(f"--data {data}: no such file")
+    cfg = model.Config.from_json(Path(opts.model) / "config.json")
+    tok = load_tokenizer(opts.model)
+    latent_ids = check_latent_ids(tok, cfg)
+
+    recs, skipped, n_records = read_records(opts, cfg.vision)
+    for s in skipped:
+        print(format_bad(data, s), file=sys.stderr)
+    if skipped and not opts.skip_bad:
+        raise DataError(f"{len(skipped)} bad record(s); the first: {format_bad(data, skipped[0])} "
+                        f"(fix them, or pass --skip-bad to leave them out and list them in the manifest)")
+    if not recs:
+        raise DataError(f"{data}: no usable records")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)   # the manifest marks a complete build: not until the end
+    tok.save(str(out / "tokenizer.json"))
+    rows = []
+    for r in recs:
+        input_ids, labels = build_example(tok, r["question"], r["response"], r["n_image_tokens"], opts.latents)
+        rows.append({"id": r["id"], "image": r["image"], "input_ids": input_ids, "labels": labels,
+                     "n_spans": len(r["aux_images"]), "accuracy": r["accuracy"], "answer": r["answer"],
+                     "question": r["question"], "response": r["response"], "aux_images": r["aux_images"]})
+    _atomic_text(out / "records.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+
+    # Targets, shard by shard. A shard whose fingerprint matches is kept (resume after a crash); the ViT is only
+    # loaded if some shard is missing. Only the tower is kept: the decoder's weights are freed right away.
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
+    dtypes = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+              "fp32": torch.float32}
+    if opts.dtype not in dtypes:
+        raise ValueError(f"--dtype {opts.dtype!r}: expected one of {sorted(dtypes)}")
+    dtype = dtypes[opts.dtype]
+    with_spans = [r for r in recs if r["aux_images"]]
+    if not with_spans:
+        raise DataError(f"{data}: no record has a {LATENT_PLACEHOLDER} span; nothing to fit the PCA on")
+    chunks = [with_spans[i:i + opts.shard_size] for i in range(0, len(with_spans), opts.shard_size)]
+    shards, visual = [], None
+    bar = tqdm(total=sum(len(r["aux_images"]) for r in with_spans), desc="targets", unit="img")
+    for i, chunk in enumerate(chunks):
+        name, fp = f"targets-{i:05d}.safetensors", _fingerprint(chunk, opts, dtype)
+        shards.append(name)
+        if _shard_is_done(out / name, fp):
+            bar.update(sum(len(r["aux_images"]) for r in chunk))
+            continue
+        if visual is None:
+            visual = model.load_pretrained(opts.model, dtype=dtype, device=device).visual
+        write_shard(shard_targets(visual, chunk, opts, cfg.vision, device, dtype, bar), out / name, fp)
+    bar.close()
+    for stale in out.glob("targets-*.safetensors*"):   # leftovers of an earlier, larger build or a crashed write
+        if stale.name not in shards:
+            stale.unlink()
+    del visual
+
+    # PCA over every target row (Eq. 1), streamed shard by shard; fp32 rows into a float64 accumulator.
+    # Also the mean L2 norm of the targets: the vision-norm regime latents must live in (EMA calibration seed).
+    fitter = latent_head.PCAFitter(cfg.vision.out_hidden_size)
+    norm_sum, n_rows = 0.0, 0
+    for name in tqdm(shards, desc="pca", unit="shard", disable=len(shards) < 2):
+        with safe_open(str(out / name), framework="pt") as f:
+            rows_ = torch.cat([f.get_tensor(k).reshape(-1, cfg.vision.out_hidden_size) for k in f.keys()])
+        fitter.update(rows_.to(device).float())
+        norm_sum, n_rows = norm_sum + float(rows_.float().norm(dim=-1).sum()), n_rows + rows_.shape[0]
+    basis = fitter.finish(opts.pca_variance)
+    basis.save(out / "pca.safetensors")
+
+    manifest = {"n_records": n_records, "n_kept": len(recs), "n_latents": opts.latents,
+                "latent_ids": {"start": latent_ids[LATENT_TOKENS[0]], "pad": latent_ids[LATENT_TOKENS[1]],
+                               "end": latent_ids[LATENT_TOKENS[2]]},
+                "skipped": skipped, "pca": {"k": basis.k, "threshold": basis.threshold, "relmse": basis.relmse()},
+                "model": str(Path(opts.model).resolve()), "data": str(data.resolve()), "shards": shards,
+                "n_spans": sum(r["n_spans"] for r in rows), "target_dim": cfg.vision.out_hidden_size,
+                "image_min_pixels": opts.min_pixels, "image_max_pixels": opts.max_pixels,
+                "target_norm": norm_sum / n_rows}
+    _atomic_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")   # written last: marks completion
+    print(f"build: kept {len(recs)}/{n_records} records ({len(skipped)} skipped), {manifest['n_spans']} spans in "
+          f"{len(shards)} shard(s), PCA k={basis.k}/{basis.d} (RelMSE {basis.relmse():.4f}) -> {out}")
+    return manifest
+
+
+# ---- score (difficulty scoring with the base model) ----
+# Placeholder for a later issue, not implemented: `python prepare.py score --data F.jsonl --model CKPT
+# [--samples 8]` will sample the base model N times per record (no latents), grade each answer against `answer`
+# with eval.py's extraction, and write the mean as `accuracy`. Until then the synthetic generator sets
+# `accuracy` from its own difficulty knobs (see below) and real data must bring its own scores (or null).
+
+# ---- synthetic dataset: three toy tasks in the spirit of the paper ----
+# Each example's question needs a detail that is hard to read off the small question image; its auxiliary image
+# makes that detail explicit (objects of one colour highlighted, a tiny region zoomed in, one object isolated on a
+# blank canvas), which is exactly what a latent span is meant to carry. `accuracy` is a stand-in for base-model
+# scoring (the `score` placeholder above): 0.0 when the generator made the example hard (many objects, an 8 px
+# letter, many decoys, the two objects in neighbouring rows/columns), else 1.0 -- about half each. train.py keeps
+# the latent spans of records with accuracy <= tau (hard ones) and strips them from the rest.
+
+COLORS = {"red": (220, 40, 40), "green": (30, 150, 60), "blue": (40, 80, 220), "yellow": (225, 190, 20),
+          "purple": (140, 60, 180), "orange": (240, 130, 30)}
+SHAPES = ("circle", "square", "triangle")
+LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"   # no I/O: too close to 1/0 at 8 px
+SIZES = (112, 140, 168, 196, 224)      # multiples of 28: 16..64 image tokens, no smart_resize rounding
+GRID = 4                               # objects sit in distinct cells of a 4x4 grid, so they never overlap
+
+
+def _cells(rng, S, n):
+    """n distinct random cells -> [(cx, cy, cell)], centres jittered by 10% of a cell."""
+    c = S / GRID
+    return [((k % GRID + 0.5 + rng.uniform(-0.1, 0.1)) * c, (k // GRID + 0.5 + rng.uniform(-0.1, 0.1)) * c, k)
+            for k in rng.sample(range(GRID * GRID), n)]
+
+
+def _shape(draw, shape, cx, cy, r, fill=None, outline=None):
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill, outline=outline, width=2)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill, outline=outline, width=2)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill, outline=outline, width=2)
+
+
+def _canvas(S):
+    img = Image.new("RGB", (S, S), (255, 255, 255))
+    return img, ImageDraw.Draw(img)
+
+
+def _count(rng, S):
+    color, k, d = rng.choice(sorted(COLORS)), rng.randint(1, 6), rng.randint(0, 8)
+    others, r = [c for c in sorted(COLORS) if c != color], S / GRID * rng.uniform(0.25, 0.38)
+    (img, di), (aux, da) = _canvas(S), _canvas(S)
+    for j, (cx, cy, _) in enumerate(_cells(rng, S, k + d)):
+        shape, c = rng.choice(SHAPES), color if j < k else rng.choice(others)
+        _shape(di, shape, cx, cy, r, fill=COLORS[c])
+        # aux: the counted objects keep their colour, the rest become faint outlines
+        _shape(da, shape, cx, cy, r, **({"fill": COLORS[c]} if c == color else {"outline": (215, 215, 215)}))
+    q = f"How many {color} shapes are in the image?"
+    resp = (f"<think>I need to count the {color} shapes. {LATENT_PLACEHOLDER} <parser>the aux image keeps the "
+            f"{color} shapes and greys out the rest: I count {k}</parser> so there are {k} {color} shapes."
+            f"</think><answer>{k}</answer>")
+    return img, [aux], q, resp, str(k), k >= 5 or d >= 7
+
+
+def _search(rng, S):
+    fs, frame, letter = rng.choice((8, 10, 12)), rng.choice(sorted(COLORS)), rng.choice(LETTERS)
+    # Pillow's embedded font: the same glyphs on every machine, no font files needed
+    font, side, n_decoys, n_clutter = ImageFont.load_default(size=fs), fs + 6, rng.randint(0, 6), rng.randint(2, 7)
+    img, draw = _canvas(S)
+    (fx, fy, _), *rest = _cells(rng, S, 1 + n_decoys + n_clutter)
+    for cx, cy, _ in rest[n_decoys:]:   # faint clutter shapes
+        pale = tuple(int(255 - 0.25 * (255 - v)) for v in COLORS[rng.choice(sorted(COLORS))])
+        _shape(draw, rng.choice(SHAPES), cx, cy, S / GRID * 0.3, fill=pale)
+    for cx, cy, _ in rest[:n_decoys]:   # grey decoy letters without a frame
+        draw.text((cx, cy), rng.choice(LETTERS), fill=(110, 110, 110), font=font, anchor="mm")
+    x0, y0 = round(fx - side / 2), round(fy - side / 2)
+    draw.rectangle([x0, y0, x0 + side, y0 + side], outline=COLORS[frame], width=1)
+    draw.text((x0 + side / 2, y0 + side / 2), letter, fill=(0, 0, 0), font=font, anchor="mm")
+    m = 6   # the aux image: the frame and a margin, zoomed to the latent target size
+    aux = img.crop((x0 - m, y0 - m, x0 + side + m, y0 + side + m)).resize((168, 168), Image.BICUBIC)
+    q = f"Which letter is written inside the small {frame} square?"
+    resp = (f"<think>The {frame} square is too small to read at this size. {LATENT_PLACEHOLDER} <parser>the aux "
+            f"image zooms into the {frame} square and shows the letter {letter}</parser> so the letter is {letter}."
+            f"</think><answer>{letter}</answer>")
+    return img, [aux], q, resp, letter, fs == 8 or n_decoys >= 5
+
+
+def _spatial(rng, S):
+    combos = [(c, s) for c in sorted(COLORS) for s in SHAPES]
+    (a, b), axis, d = rng.sample(combos, 2), rng.choice("xy"), rng.randint(1, 6)
+    pos = lambda k: k % GRID if axis == "x" else k // GRID   # column or row of a cell
+    cells = _cells(rng, S, 2 + d)
+    while pos(cells[0][2]) == pos(cells[1][2]):   # A and B must differ along the asked axis
+        cells = _cells(rng, S, 2 + d)
+    specs = [a, b] + [rng.choice([x for x in combos if x not in (a, b)]) for _ in range(d)]
+    r = S / GRID * rng.uniform(0.25, 0.38)
+    img, draw = _canvas(S)
+    for (c, shape), (cx, cy, _) in zip(specs, cells):
+        _shape(draw, shape, cx, cy, r, fill=COLORS[c])
+    auxes, where = [], []
+    for (c, shape), (cx, cy, _) in zip(specs[:2], cells):   # each aux: one object alone, in place, on a faint grid
+        aux, da = _canvas(S)
+        for i in range(1, GRID):
+            da.line([(i * S / GRID, 0), (i * S / GRID, S)], fill=(225, 225, 225))
+            da.line([(0, i * S / GRID), (S, i * S / GRID)], fill=(225, 225, 225))
+        _shape(da, shape, cx, cy, r, fill=COLORS[c])
+        auxes.append(aux)
+        where.append(f"at {round(100 * cx / S)}% from the left and {round(100 * cy / S)}% from the top")
+    (na, nb), ka, kb = (" ".join(a), " ".join(b)), pos(cells[0][2]), pos(cells[1][2])
+    yes = ka < kb
+    rel = ("left of" if yes else "right of") if axis == "x" else ("above" if yes else "below")
+    q = f"Is the {na} to the left of the {nb}?" if axis == "x" else f"Is the {na} above the {nb}?"
+    resp = (f"<think>First I find the {na}. {LATENT_PLACEHOLDER} <parser>the first aux image shows the {na} "
+            f"{where[0]}</parser> Then the {nb}. {LATENT_PLACEHOLDER} <parser>the second aux image shows the {nb} "
+            f"{where[1]}</parser> so the {na} is {rel} the {nb}.</think><answer>{'yes' if yes else 'no'}</answer>")
+    return img, auxes, q, resp, "yes" if yes else "no", abs(ka - kb) == 1
+
+
+FAMILIES = {"count": _count, "search": _search, "spatial": _spatial}
+
+
+def make_example(i, seed, raw):
+    """Example i (family i mod 3) from its own RNG, so it does not depend on n or on the other examples."""
+    name = list(FAMILIES)[i % len(FAMILIES)]
+    rng = random.Random(seed * 1_000_003 + i)
+    img, auxes, q, resp, answer, hard = FAMILIES[name](rng, rng.choice(SIZES))
+    rid = f"{name}-{i:05d}"
+    img.save(raw / "images" / f"{rid}.png")
+    for j, aux in enumerate(auxes):
+        aux.save(raw / "aux" / f"{rid}-{j}.png")
+    return {"id": rid, "image": f"images/{rid}.png", "question": q, "response": resp,
+            "aux_images": [f"aux/{rid}-{j}.png" for j in range(len(auxes))], "answer": answer,
+            "accuracy": 0.0 if hard else 1.0}
+
+
+# Qwen2's pre-tokenizer split (digits one by one, as in Qwen), applied before byte-level BPE
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+N_REGULAR = 643   # Qwen's 151643 regular tokens, minus 151000 (CONTRACT tiny preset)
+
+
+def train_tokenizer(texts):
+    """Byte-level BPE laid out like Qwen's: exactly 643 regular tokens (ids 0..642; placeholders fill the rest if
+    the corpus yields fewer merges), then the 22 Qwen specials at 643..664, so the latent tokens get 665..667."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=N_REGULAR, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    d = json.loads(tok.to_str())
+    vocab = d["model"]["vocab"]
+    for j in range(N_REGULAR - len(vocab)):   # no merge produces these, so they are never emitted
+        vocab[f"<|placeholder_{j}|>"] = len(vocab)
+    d["added_tokens"] = [{"id": N_REGULAR + j, "content": t, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for j, t in enumerate(QWEN_SPECIAL_TOKENS)]
+    tok = Tokenizer.from_str(json.dumps(d))
+    assert len(vocab) == N_REGULAR and tok.token_to_id("<|image_pad|>") == N_REGULAR + 12, "Qwen layout broken"
+    return tok
+
+
+def make_tiny_model(tok, seed):
+    """The demo's base model: PRESETS["tiny"] widened to text hidden 128, 4 layers, 4 heads (head_dim 32, M-RoPE
+    (4, 6, 6) = Qwen's (16, 24, 24) / 4), 2 KV heads, SwiGLU 256: 0.97M parameters, enough for the toy tasks to
+    show learning in a few CPU minutes. The ViT stays tiny (depth 4, width 32) and frozen; its merger outputs 128
+    wide. Weights N(0, 0.02) like HF's init (this model is trained, not an oracle), norms 1, biases 0."""
+    base = model.PRESETS["tiny"]
+    text = replace(base.text, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, mrope_section=(4, 6, 6))
+    t = tok.token_to_id
+    cfg = replace(base, text=text, vision=replace(base.vision, out_hidden_size=text.hidden_size),
+                  image_token_id=t("<|image_pad|>"), video_token_id=t("<|video_pad|>"),
+                  vision_start_token_id=t("<|vision_start|>"), vision_end_token_id=t("<|vision_end|>"),
+                  bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"))
+    m = model.Qwen25VL(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(m.named_parameters()):   # sorted: the draw order is fixed by the names
+            if name.endswith(".bias"):
+                p.zero_()
+            elif p.ndim == 1:   # RMSNorm weights are the only 1-D weights
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return m
+
+
+def synthetic(opts):
+    out = Path(opts.out)
+    raw = out / "raw"
+    for sub in ("images", "aux"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    recs = [make_example(i, opts.seed, raw) for i in tqdm(range(opts.n), desc="synthetic", disable=opts.n < 100)]
+    order = list(range(opts.n))
+    random.Random(opts.seed).shuffle(order)
+    test = set(order[:round(opts.n * opts.test_frac)])
+    for name, keep in (("train", lambda i: i not in test), ("test", lambda i: i in test)):
+        _atomic_text(raw / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for i, r in enumerate(recs) if keep(i)))
+
+    # tokenizer on all synthetic text plus the template's own words (like a base model's, which saw everything)
+    texts = ["system\n" + SYSTEM_PROMPT, "user\n", "assistant\n", "\n"]
+    for r in recs:
+        texts += [r["question"], r["answer"], *r["response"].split(LATENT_PLACEHOLDER)]
+    tok = train_tokenizer(texts)
+    m = make_tiny_model(tok, opts.seed)
+    model.save_pretrained(m, out / "model")
+    tok.save(str(out / "model" / "tokenizer.json"))   # no latent tokens yet, like a hub checkpoint
+    n_params = sum(p.numel() for p in m.parameters())
+    print(f"synthetic: {opts.n} examples ({opts.n - len(test)} train, {len(test)} test) -> {raw}; "
+          f"model {n_params / 1e6:.2f}M params -> {out / 'model'}")
+    return build(BuildOptions(data=str(raw / "train.jsonl"), model=str(out / "model"), out=str(out / "prepared"),
+                              latents=opts.latents, device=opts.device))
+
+
+# ---- command line ----
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, cls, fn, help_ in (
+            ("build", BuildOptions, build, "validate a JSONL dataset, tokenize, compute latent targets, fit PCA"),
+            ("synthetic", SyntheticOptions, synthetic, "write toy tasks, a tiny random checkpoint, and build them")):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        add_options(sp, cls)
+        sp.set_defaults(cls=cls, fn=fn)
+    args = parser.parse_args(argv)
+    opts = args.cls(**{f.name: getattr(args, f.name) for f in fields(args.cls)})
+    try:
+        args.fn(opts)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
