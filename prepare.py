@@ -63,6 +63,18 @@ class SyntheticOptions:
     device: str = field(default="auto", metadata={"help": "device for the build step"})
 
 
+@dataclass
+class ScoreOptions:
+    data: str = field(metadata={"help": "input JSONL (id, image, question, answer)"})
+    model: str = field(metadata={"help": "the base model's checkpoint folder"})
+    out: str = field(default=None, metadata={"help": "scored copy (default: DATA.scored.jsonl); resumable"})
+    samples: int = field(default=8, metadata={"help": "samples per record"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    max_new_tokens: int = field(default=256, metadata={"help": "token limit per sample"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (per record: seed + line)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+
+
 def add_options(parser, cls):
     for f in fields(cls):
         flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
@@ -450,10 +462,18 @@ def build(opts):
 
 
 # ---- score (difficulty scoring with the base model) ----
-# Placeholder for a later issue, not implemented: `python prepare.py score --data F.jsonl --model CKPT
-# [--samples 8]` will sample the base model N times per record (no latents), grade each answer against `answer`
-# with eval.py's extraction, and write the mean as `accuracy`. Until then the synthetic generator sets
-# `accuracy` from its own difficulty knobs (see below) and real data must bring its own scores (or null).
+# `accuracy` = the base model's mean correctness over N samples (the paper: 8 samples, tau = 0 keeps latent
+# supervision only for examples it never solves). Sampling and grading live in sample.py / eval.py; this is the
+# command-line door to them. The synthetic generator instead sets `accuracy` from its own difficulty knobs (below).
+
+
+def score(opts):
+    import eval as evaluation   # lazy: eval.py imports this file for the tokenizer and template
+    out = evaluation.score_file(opts.model, opts.data, samples=opts.samples, out_file=opts.out,
+                                temperature=opts.temperature, max_new_tokens=opts.max_new_tokens, seed=opts.seed,
+                                device=opts.device)
+    print(f"score: wrote {out}")
+
 
 # ---- synthetic dataset: three toy tasks in the spirit of the paper ----
 # Each example's question needs a detail that is hard to read off the small question image; its auxiliary image
@@ -671,7 +691,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls, fn, help_ in (
             ("build", BuildOptions, build, "validate a JSONL dataset, tokenize, compute latent targets, fit PCA"),
-            ("synthetic", SyntheticOptions, synthetic, "write toy tasks, a tiny random checkpoint, and build them")):
+            ("synthetic", SyntheticOptions, synthetic, "write toy tasks, a tiny random checkpoint, and build them"),
+            ("score", ScoreOptions, score, "difficulty scoring: accuracy of N base-model samples per record")):
         sp = sub.add_parser(name, help=help_, description=help_)
         add_options(sp, cls)
         sp.set_defaults(cls=cls, fn=fn)

@@ -307,3 +307,28 @@ def test_cli_help(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--skip-bad" in out and "--no-skip-bad" in out and "--pca-variance" in out and "--test-frac" in out
+
+
+def test_score_cli_writes_accuracy_and_resumes(syn, tmp_path, capsys):
+    data = tmp_path / "few.jsonl"
+    lines = (syn / "raw" / "test.jsonl").read_text().splitlines()[:2]
+    raw = syn / "raw"
+    # paths in the data are relative to the file: rewrite them absolute for the copy in tmp_path
+    recs = [json.loads(x) for x in lines]
+    for r in recs:
+        r["image"] = str(raw / r["image"])
+        r["aux_images"] = [str(raw / a) for a in r["aux_images"]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "scored.jsonl"
+    args = ["score", "--data", str(data), "--model", str(syn / "model"), "--samples", "2", "--max-new-tokens", "4",
+            "--out", str(out), "--device", "cpu"]
+    prepare.main(args)
+    scored = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [s["id"] for s in scored] == [r["id"] for r in recs]
+    assert all(s["accuracy"] in (0.0, 0.5, 1.0) for s in scored)   # the mean of 2 graded samples
+    before = out.read_text()
+    prepare.main(args)   # everything already scored: nothing is sampled again, the file is unchanged
+    assert out.read_text() == before
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["score", "--help"])
+    assert e.value.code == 0 and "--samples" in capsys.readouterr().out
