@@ -41,9 +41,9 @@ def _seed():
     yield
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not PARITY:
-        return
+def pytest_terminal_summary(terminalreporter, config):
+    if not PARITY or (config.option.capture != "no" and config.option.verbose <= 0):
+        return  # only with -s or -v
     terminalreporter.section("parity: largest |difference| per test")
     width = max(len(k) for k in PARITY)
     for k, v in PARITY.items():

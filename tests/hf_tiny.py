@@ -31,6 +31,12 @@ VS, VE, IMG = 652, 653, 655
 STD = 0.15
 
 
+def quiet():
+    """No progress bars from transformers' save/load in test output."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+
+
 def hf_config(tie=False):
     from transformers import Qwen2_5_VLConfig
     text = dict(TEXT, rope_parameters={"rope_type": "default", "mrope_section": list(MROPE_SECTION),
@@ -40,10 +46,13 @@ def hf_config(tie=False):
 
 @torch.no_grad()
 def randomize_(model, seed=0, std=STD):
-    """Re-initialise every parameter: norm weights ~ 1 + N(0, std), everything else (weights and biases) ~ N(0, std)."""
+    """Re-initialise every parameter: norm weights ~ 1 + N(0, std), everything else (weights and biases) ~ N(0, std).
+    The patch embedding (fan-in 1176) gets std 0.03 so its output is O(1): at std 0.15 the ViT residual stream reaches
+    ~200 and plain fp32 rounding (SDPA vs eager) alone is ~1e-5, which would blur the 1e-5 parity threshold."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+        s = 0.03 if "patch_embed" in name else std
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * s
         is_norm = p.ndim == 1 and ("norm" in name or "ln_q" in name)
         p.copy_(1.0 + noise if is_norm else noise)
     return model
@@ -52,6 +61,7 @@ def randomize_(model, seed=0, std=STD):
 def build_hf(tie=False, seed=0):
     """A fresh random tiny HF model in fp32, eager attention, eval mode."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+    quiet()
     cfg = hf_config(tie)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -111,6 +121,7 @@ def save_hf(model, path, flat=False, max_shard_size=None):
 
 def load_hf(path):
     from transformers import Qwen2_5_VLForConditionalGeneration
+    quiet()
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager").eval()
 
