@@ -347,7 +347,10 @@ def evaluate(opts, bundle=None):
     lat = lambda r: r["latency_s"]["mean"]
     print(f"\nintervention table ({len(records)} records, N={bundle.n_latents}"
           f"{', ema-norm' if opts.ema_norm else ''})")
-    print(format_table(intervention, [("mode", "mode", "{}"), ("accuracy", "accuracy", "{:.4f}"),
+    cats = sorted({c for r in intervention for c in r["per_category"]})
+    per_cat = [(c, lambda r, c=c: r["per_category"].get(c, {}).get("accuracy", float("nan")), "{:.3f}")
+               for c in cats] if len(cats) > 1 else []
+    print(format_table(intervention, [("mode", "mode", "{}"), ("accuracy", "accuracy", "{:.4f}"), *per_cat,
                                       ("latency_s", lat, "{:.3f}"), ("p90_s", lambda r: r["latency_s"]["p90"], "{:.3f}"),
                                       ("latents/sample", "mean_latents", "{:.1f}")]))
     if budget:

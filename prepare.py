@@ -597,7 +597,7 @@ def make_example(i, seed, raw):
         aux.save(raw / "aux" / f"{rid}-{j}.png")
     return {"id": rid, "image": f"images/{rid}.png", "question": q, "response": resp,
             "aux_images": [f"aux/{rid}-{j}.png" for j in range(len(auxes))], "answer": answer,
-            "accuracy": 0.0 if hard else 1.0}
+            "accuracy": 0.0 if hard else 1.0, "category": f"{name}-{'hard' if hard else 'easy'}"}
 
 
 # Qwen2's pre-tokenizer split (digits one by one, as in Qwen), applied before byte-level BPE
