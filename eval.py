@@ -514,10 +514,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["norms"]:
         parser = argparse.ArgumentParser(prog="eval.py norms", description="layer-wise norm profile (Fig. 2)")
-        sample.add_options(parser, NormsOptions)
+        prepare.add_options(parser, NormsOptions)
         return norms_main(NormsOptions(**vars(parser.parse_args(argv[1:]))))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sample.add_options(parser, EvalOptions)
+    prepare.add_options(parser, EvalOptions)
     return evaluate(EvalOptions(**vars(parser.parse_args(argv))))
 
 

@@ -289,22 +289,32 @@ def window_index(grid_thw, window_merged, merge):
     return torch.cat(index), torch.tensor(cu)
 
 
-def segment_attention(q, k, v, cu_seqlens):
-    """Bidirectional attention inside each segment [cu[i], cu[i+1]) of a packed sequence, never across segments.
-    q, k, v: (N, nh, hd). Segments are padded to the longest one and run as one SDPA batch with a key mask, so
-    windows (<= 64 patches) cost O(N * 64) rather than an (N, N) block-diagonal mask."""
-    N = q.shape[0]
-    lens = cu_seqlens.diff()
-    L = int(lens.max())
-    ar = torch.arange(L, device=q.device)
-    valid = ar[None, :] < lens[:, None].to(q.device)                          # (S, L)
-    idx = torch.where(valid, cu_seqlens[:-1, None].to(q.device) + ar, 0)      # (S, L) gather index
-    qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))                 # (S, nh, L, hd)
-    if bool(valid.all()):
-        out = F.scaled_dot_product_attention(qs, ks, vs)
-    else:
-        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=valid[:, None, None, :])
-    return out.transpose(1, 2)[valid]                                           # (N, nh, hd), original order
+class Segments:
+    """Plan for attention inside each segment [cu[i], cu[i+1]) of a packed sequence, never across segments.
+    Segments are padded to the longest one and run as one SDPA batch with a key mask, so windows (<= 64 patches)
+    cost O(N * 64) rather than an (N, N) block-diagonal mask. Planned once per forward on the host (cu_seqlens is a
+    few ints per image), so the 32 blocks pay no host syncs; equal-length segments are a free view."""
+
+    def __init__(self, cu_seqlens, device):
+        lens = cu_seqlens.diff()
+        self.S, self.L = len(lens), int(lens.max())
+        self.equal = bool((lens == self.L).all())
+        if not self.equal:
+            ar = torch.arange(self.L)
+            valid = ar[None, :] < lens[:, None]                                  # (S, L)
+            self.gather = torch.where(valid, cu_seqlens[:-1, None] + ar, 0).to(device)      # (S, L) token index
+            self.mask = valid[:, None, None, :].to(device)                       # (S, 1, 1, L) real keys
+            self.unpad = (torch.arange(self.S)[:, None] * self.L + ar)[valid].to(device)   # (N,) back to packed
+
+    def attention(self, q, k, v):
+        """q, k, v: (N, nh, hd) -> (N, nh, hd), bidirectional within each segment."""
+        N, nh, hd = q.shape
+        if self.equal:
+            qs, ks, vs = (t.view(self.S, self.L, nh, hd).transpose(1, 2) for t in (q, k, v))   # (S, nh, L, hd)
+            return F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(N, nh, hd)
+        qs, ks, vs = (t[self.gather].transpose(1, 2) for t in (q, k, v))                       # (S, nh, L, hd)
+        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.mask)
+        return out.transpose(1, 2).reshape(self.S * self.L, nh, hd)[self.unpad]               # drop the padding
 
 
 class VisionAttention(nn.Module):
@@ -314,13 +324,13 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x, cu_seqlens, cos, sin):
+    def forward(self, x, segments, cos, sin):
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.nh, D // self.nh).unbind(1)   # (N, nh, hd) each
         # §8.3: the vision rotation runs in fp32 and is cast back (the text decoder does it differently)
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        return self.proj(segment_attention(q, k, v, cu_seqlens).reshape(N, D))
+        return self.proj(segments.attention(q, k, v).reshape(N, D))
 
 
 class VisionBlock(nn.Module):
@@ -331,8 +341,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
-    def forward(self, x, cu_seqlens, cos, sin):
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x, segments, cos, sin):
+        x = x + self.attn(self.norm1(x), segments, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -391,8 +401,9 @@ class VisionTransformer(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         # full-attention blocks: one segment per frame (windows keep frames contiguous, so this holds in window order)
         cu_full = F.pad(torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).cumsum(0), (1, 0))
+        full, windows = Segments(cu_full, x.device), Segments(cu_win, x.device)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cu_full if i in cfg.fullatt_block_indexes else cu_win, cos, sin)
+            x = blk(x, full if i in cfg.fullatt_block_indexes else windows, cos, sin)
         x = self.merger(x)                                                   # (N/4, out) still in window order
         return x[torch.argsort(win)]                                         # back to raster order
 
@@ -479,7 +490,7 @@ def attention_mask_4d(attention_mask, T, S, input_pos, device):
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, :]                        # (B, T, S)
     mask = mask | (k_idx[None, :] == q_idx[:, None])
-    return mask.unsqueeze(-3)                                                  # (B|1, 1, T, S)
+    return mask.reshape(-1, 1, T, S)   # (B|1, 1, T, S): 4-D, or CPU SDPA drops to its slow math path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -501,12 +512,13 @@ class Qwen25VL(nn.Module):
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
         """Token embeddings with each <|image_pad|> overwritten, in row-major order, by the next image feature."""
         x = self.model.embed_tokens(input_ids)                                 # (B, T, D)
+        if pixel_values is None:
+            # checked on prompts only: a one-token decode step must not pay a host sync (STYLE 19)
+            if input_ids.shape[1] > 1 and bool((input_ids == self.cfg.image_token_id).any()):
+                raise ValueError("input_ids hold <|image_pad|> tokens but no pixel_values were given")
+            return x
         is_image = input_ids == self.cfg.image_token_id
         n_pads = int(is_image.sum())
-        if pixel_values is None:
-            if n_pads:
-                raise ValueError(f"input_ids hold {n_pads} <|image_pad|> tokens but no pixel_values were given")
-            return x
         feats = self.visual(pixel_values, image_grid_thw).to(x.dtype)         # (N_merged, D)
         if feats.shape[0] != n_pads:
             raise ValueError(f"input_ids hold {n_pads} <|image_pad|> tokens but the images give {feats.shape[0]} "

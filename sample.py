@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,18 +55,6 @@ class SampleOptions:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
     json: bool = field(default=False, metadata={"help": "print the result dict as JSON"})
-
-
-def add_options(parser, cls):
-    """One flag per dataclass field: required when it has no default, BooleanOptionalAction for booleans."""
-    for f in fields(cls):
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        elif f.default is MISSING:
-            parser.add_argument(flag, type=f.type, required=True, help=help_)
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=f"{help_} (default {f.default})")
 
 
 def resolve_device(name):
@@ -434,7 +422,7 @@ def render(row, compact=True):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(parser, SampleOptions)
+    prepare.add_options(parser, SampleOptions)
     opts = SampleOptions(**vars(parser.parse_args(argv)))
     device = resolve_device(opts.device)
     bundle = load(opts.model, resolve_dtype(opts.dtype, device), device)

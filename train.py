@@ -3,7 +3,7 @@ GAP training: LM loss + lambda_latent x latent MSE (Eq. 2) with teacher forcing,
 
     python prepare.py synthetic --out data/synthetic        # once: tiny model + data, no download
     python train.py                                          # tiny model on data/synthetic (CPU is fine)
-    python train.py --global-batch 8 --lr 1e-3 --epochs 4    # what `make demo` runs
+    python train.py --global-batch 16 --micro-batch 16 --lr 5e-3 --head-lr 5e-3 --epochs 8   # `make demo`
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --model CKPT [--fsdp] [--compile]
 
 One process runs the same code as torchrun (RANK / LOCAL_RANK / WORLD_SIZE). Defaults are the paper's: AdamW lr 1e-5
@@ -23,9 +23,8 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,47 +38,51 @@ from tqdm import tqdm
 
 import latent_head as lh
 import model as qm
+import prepare
 
 
 @dataclass
 class TrainConfig:
-    data: str = "data/synthetic/prepared"   # a folder written by `prepare.py build`
-    model: str = "data/synthetic/model"     # HF checkpoint folder (config.json + safetensors)
-    out: str = "out/gap"                    # final checkpoint folder (+ checkpoints/ and metrics.jsonl inside)
-    latent_head: str = "pca"                # pca (GAP) | full (d->d ablation) | raw (output-as-input baseline)
-    lambda_latent: float = 1.0              # weight of L_latent (Eq. 2)
-    tau: float = 0.0                        # keep latent spans only for records with accuracy <= tau
-    scheduled_sampling: float = 0.0         # probability of feeding the model's own detached latent (2nd pass)
-    repa_layer: int = -1                    # VaLR: align this layer's state at latent positions (-1: off)
-    repa_weight: float = 0.0                # VaLR: weight of the -cos loss
-    lr: float = 1e-5                        # backbone learning rate
-    head_lr: float = 1e-5                   # latent head (and VaLR projector) learning rate
-    weight_decay: float = 0.01              # on matrices only
+    data: str = field(default="data/synthetic/prepared", metadata={"help": "a folder written by `prepare.py build`"})
+    model: str = field(default="data/synthetic/model",
+                       metadata={"help": "HF checkpoint folder (config.json + safetensors)"})
+    out: str = field(default="out/gap",
+                     metadata={"help": "final checkpoint folder (+ checkpoints/ and metrics.jsonl inside)"})
+    latent_head: str = field(default="pca",
+                             metadata={"help": "pca (GAP) | full (d->d ablation) | raw (output-as-input baseline)"})
+    lambda_latent: float = field(default=1.0, metadata={"help": "weight of L_latent (Eq. 2)"})
+    tau: float = field(default=0.0, metadata={"help": "keep latent spans only for records with accuracy <= tau"})
+    scheduled_sampling: float = field(default=0.0,
+                                      metadata={"help": "probability of feeding the model's own detached latent (2nd pass)"})
+    repa_layer: int = field(default=-1,
+                            metadata={"help": "VaLR: align this layer's state at latent positions (-1: off)"})
+    repa_weight: float = field(default=0.0, metadata={"help": "VaLR: weight of the -cos loss"})
+    lr: float = field(default=1e-5, metadata={"help": "backbone learning rate"})
+    head_lr: float = field(default=1e-5, metadata={"help": "latent head (and VaLR projector) learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "on matrices only"})
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0
     epochs: int = 2
-    global_batch: int = 128                 # examples per optimizer step, over all ranks and accumulation steps
-    micro_batch: int = 1                    # examples per forward
-    train_vision: bool = False              # the ViT + merger stay frozen unless set
-    compile: bool = False                   # torch.compile each decoder block
-    fsdp: bool = False                      # FSDP2: shard params/grads/optimizer per decoder block (7B on 80 GB)
-    activation_checkpointing: bool = False  # recompute each block in backward
-    device: str = "auto"                    # auto | cpu | cuda
-    save_every: int = 0                     # checkpoint every N steps (0: only at the end)
-    resume: bool = False                    # continue from OUT/checkpoints/last exactly
-    stop_after: int = 0                     # stop after this many steps (simulates an interruption; 0: run all)
+    global_batch: int = field(default=128,
+                              metadata={"help": "examples per optimizer step, over all ranks and accumulation steps"})
+    micro_batch: int = field(default=1, metadata={"help": "examples per forward"})
+    train_vision: bool = field(default=False, metadata={"help": "the ViT + merger stay frozen unless set"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block"})
+    fsdp: bool = field(default=False,
+                       metadata={"help": "FSDP2: shard params/grads/optimizer per decoder block (7B on 80 GB)"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in backward"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoints/last exactly"})
+    stop_after: int = field(default=0,
+                            metadata={"help": "stop after this many steps (simulates an interruption; 0: run all)"})
     seed: int = 12345
     log_every: int = 1
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+    prepare.add_options(p, TrainConfig)   # one flag per field (the same generator as every gap script)
     return TrainConfig(**vars(p.parse_args(argv)))
 
 

@@ -1,0 +1,22 @@
+"""Smoke test for bench.py: the tiny config, one iteration, ours and transformers, no timing asserts (STYLE 25).
+
+    .venv/bin/python -m pytest -q tests/test_bench.py
+"""
+import math
+
+import bench
+
+
+def finite_positive(x):
+    return math.isfinite(x) and x > 0
+
+
+def test_bench_tiny_runs():
+    opts = bench.Options(config="tiny", device="cpu", prompt_len=8, image_size=56, decode_steps=3, iters=1)
+    res = bench.main(opts)
+    for row in ("forward", "prefill", "decode", "latent_step"):
+        assert finite_positive(res[row]["ours_ms"]) and finite_positive(res[row]["ours_tok_s"]), res[row]
+    for row in ("forward", "prefill", "decode"):         # rows with a transformers counterpart
+        assert finite_positive(res[row]["hf_ms"]) and finite_positive(res[row]["ratio"]), res[row]
+    assert finite_positive(res["latent_vs_decode"])
+    assert res["max_logit_diff"] < 1e-4                  # the same random weights really are in both models
