@@ -376,7 +376,8 @@ def _stats(xs):
 def norm_profile(bundle, records):
     """Teacher-forced over prompt + reference response (if the record has one; latent spans emptied): per layer,
     mean +- std of log ||x|| at text and image positions; out/in ratios; and the norm of what each feedback mode
-    would feed back (read at text positions) next to the query image's vision-embedding norm (Fig. 2b)."""
+    would feed back (read at <|latent_start|> positions, else at text positions) next to the query image's
+    vision-embedding norm (Fig. 2b)."""
     m, dev = bundle.model, bundle.device
     L = m.cfg.text.num_hidden_layers
     logs = {"text": [[] for _ in range(L + 1)], "vision": [[] for _ in range(L + 1)]}
@@ -403,7 +404,10 @@ def norm_profile(bundle, records):
         for k, sel in where.items():
             norms[k][0].append(layers[0][0][sel].float().norm(dim=-1).cpu())
             norms[k][1].append(layers[-1][0][sel].float().norm(dim=-1).cpu())
-        hb = h[0][~is_img]                                                      # h̄ at text positions (T_text, D)
+        # h̄ where a latent would be predicted: at each <|latent_start|> (the state that yields the first latent);
+        # a record without spans falls back to all text positions
+        at = input_ids[0] == bundle.ids["latent_start"]
+        hb = h[0][at if bool(at.any()) else ~is_img]                            # (n, D)
         fb["raw"].append(hb.float().norm(dim=-1).cpu())
         if bundle.kind in ("pca", "full"):
             fb[bundle.kind].append(bundle.head(hb).norm(dim=-1).cpu())
