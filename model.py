@@ -744,12 +744,13 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     return m.eval()
 
 
-def save_pretrained(m: Qwen25VL, path, max_shard_bytes=5 * 1024 ** 3):
-    """config.json (hub flat layout) + model.safetensors, or shards + model.safetensors.index.json above the size."""
+def save_pretrained(m: Qwen25VL, path, max_shard_bytes=5 * 1024 ** 3, state_dict=None):
+    """config.json (hub flat layout) + model.safetensors, or shards + model.safetensors.index.json above the size.
+    state_dict: full tensors to write instead of m's own (e.g. gathered from FSDP shards by train.py)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = m.cfg
-    state = {k: v.detach().contiguous().cpu() for k, v in m.state_dict().items()
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or m.state_dict()).items()
              if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     d = cfg.to_dict()
     d["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")

@@ -234,14 +234,13 @@ class GAP(nn.Module):
         logits = m.lm_head(h[:, :-1]).float()                               # (B, T-1, V): predicts token t+1
         lm_sum = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100,
                                  reduction="sum")
-        if v is None:   # every span stripped: keep the head in the graph so DDP sees all its parameters
-            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-            return lm_sum, zero, zero
+        if v is None:   # every span stripped: run the head on no rows, so DDP/FSDP still see its parameters used
+            v = h.new_zeros(0, h.shape[-1], dtype=torch.float32)
         v_hat = self.head(h[prev])                                          # Eq. 1, (n_lat, d) fp32
         lat_sum = lh.latent_loss(v_hat, v, reduction="sum")                 # Eq. 2 (summed; mean taken by caller)
         valr_sum = h.new_zeros((), dtype=torch.float32)
         if use_valr:
-            valr_sum = -F.cosine_similarity(self.valr(layers[self.repa_layer][prev]), v, dim=-1).sum()
+            valr_sum = -F.cosine_similarity(self.valr(layers[self.repa_layer][prev]), v, dim=-1).sum()   # VaLR
         return lm_sum, lat_sum, valr_sum
 
 
@@ -303,10 +302,14 @@ def lr_factor(step, total, warmup_ratio):
 
 
 def full_state(gap, opt, cfg):
+    """Full (unsharded) model and optimizer state dicts; opt may be None."""
     if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        return get_state_dict(gap, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return gap.state_dict(), opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if opt is None:
+            return get_model_state_dict(gap, options=options), None
+        return get_state_dict(gap, opt, options=options)
+    return gap.state_dict(), opt.state_dict() if opt is not None else None
 
 
 def save_checkpoint(gap, opt, cfg, step, rank):
@@ -356,20 +359,16 @@ def load_checkpoint(gap, opt, cfg):
 
 def export(gap, cfg, records, basis, rank):
     """The final folder: HF-layout model + tokenizer + latent head + PCA basis + gap.json (what sample.py reads)."""
-    model_sd = None
-    if cfg.fsdp:   # gather the sharded parameters (a collective: every rank takes part)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        model_sd = get_model_state_dict(gap, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_sd, _ = full_state(gap, None, cfg)   # with FSDP a collective that gathers the shards: every rank joins
     if rank != 0:
         return
     out = Path(cfg.out)
-    vlm = gap.vlm
-    if model_sd is not None:
-        vlm.load_state_dict({k[4:]: v for k, v in model_sd.items() if k.startswith("vlm.")}, strict=False)
-    qm.save_pretrained(vlm, out)
+    qm.save_pretrained(gap.vlm, out, state_dict={k[4:]: v for k, v in model_sd.items() if k.startswith("vlm.")})
     shutil.copy(Path(cfg.data) / "tokenizer.json", out / "tokenizer.json")
-    if cfg.latent_head != "raw":
-        lh.save_head(gap.head, out / "latent_head.safetensors")
+    if cfg.latent_head != "raw":   # a plain CPU copy of the head, filled from the full state
+        head = lh.make_head(cfg.latent_head, gap.vlm.cfg.text.hidden_size, basis)
+        head.load_state_dict({k[5:]: v for k, v in model_sd.items() if k.startswith("head.")}, strict=True)
+        lh.save_head(head, out / "latent_head.safetensors")
     if basis is not None:
         basis.save(out / "pca.safetensors")
     gap_json = dict(latent_head=cfg.latent_head, n_latents=records.n_latents, tau=cfg.tau,

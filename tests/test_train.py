@@ -100,20 +100,33 @@ def test_resume_is_exact(syn, tmp_path):
     assert [r["lm_loss"] for r in metrics(a.out)] == [r["lm_loss"] for r in metrics(b.out)]   # appended on resume
 
 
-def test_ddp_two_ranks_equals_one(syn, tmp_path):
-    one = cfg_for(syn, tmp_path / "one", epochs=1, repa_layer=2, repa_weight=0.5)
-    train.main(one)
+@pytest.fixture(scope="module")
+def one_rank(syn, tmp_path_factory):
+    cfg = cfg_for(syn, tmp_path_factory.mktemp("one"), epochs=1, repa_layer=2, repa_weight=0.5)
+    train.main(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_equal_one(syn, one_rank, tmp_path, mode):
+    """2 gloo ranks (DDP with no_sync accumulation, or FSDP2 sharding per block) == 1 rank, same global batch."""
+    one = one_rank
     args = [f"--data={one.data}", f"--model={one.model}", f"--out={tmp_path / 'two'}", "--global-batch=4",
             "--micro-batch=1", "--lr=2e-3", "--head-lr=2e-3", "--epochs=1", "--device=cpu", "--repa-layer=2",
-            "--repa-weight=0.5"]
+            "--repa-weight=0.5", *(["--fsdp"] if mode == "fsdp" else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     w1, w2 = load_file(Path(one.out) / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+    h1, h2 = load_file(Path(one.out) / "latent_head.safetensors"), load_file(tmp_path / "two" / "latent_head.safetensors")
+    for k in h1:
+        torch.testing.assert_close(h1[k], h2[k], rtol=1e-4, atol=1e-5, msg=k)
     m1, m2 = metrics(one.out), metrics(tmp_path / "two")
+    assert len(m1) == len(m2)
     for x, y in zip(m1, m2):
         assert x["lm_loss"] == pytest.approx(y["lm_loss"], rel=1e-5)
         assert x["valr_loss"] == pytest.approx(y["valr_loss"], rel=1e-4)
@@ -136,3 +149,12 @@ def test_bad_inputs(syn, tmp_path):
     (bad / "records.jsonl").write_text(json.dumps({"id": "x", "image": "y.png", "input_ids": [1, 2]}) + "\n")
     with pytest.raises(ValueError, match=r"records.jsonl line 1: field 'labels' missing"):
         train.Records(bad, tau=0.0)
+
+
+def test_activation_checkpointing_is_exact(syn, tmp_path):
+    runs = []
+    for ac in (False, True):
+        cfg = cfg_for(syn, tmp_path / f"ac{ac}", tau=1.0, stop_after=2, activation_checkpointing=ac)
+        train.main(cfg)
+        runs.append([(r["lm_loss"], r["latent_loss"], r["grad_norm"]) for r in metrics(cfg.out)])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6)
