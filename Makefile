@@ -4,8 +4,8 @@ DEVICE ?= cpu
 DEMO ?= out/demo
 SYN ?= data/synthetic
 # The tiny synthetic model learns in minutes only with a far larger lr and smaller batch than the paper's 7B recipe.
-DEMO_TRAIN ?= --global-batch 16 --micro-batch 16 --lr 5e-3 --head-lr 5e-3 --epochs 8 --warmup-ratio 0.05 --log-every 20
-SEEDS ?= 12345
+DEMO_TRAIN ?= --global-batch 16 --micro-batch 16 --lr 5e-3 --head-lr 5e-3 --epochs 8 --warmup-ratio 0.05 --log-every 40
+SEEDS ?= 1 2
 DEMO_EVAL ?= --batch-size 24 --max-new-tokens 200
 
 .venv/ok: requirements.txt requirements-dev.txt
@@ -35,5 +35,6 @@ demo: .venv/ok
 	done
 	$(PY) eval.py norms --model $(DEMO)/gap-$(firstword $(SEEDS)) --data $(SYN)/raw/test.jsonl --out $(DEMO)/norms \
 	  --device $(DEVICE)
+	$(PY) eval.py summary $(foreach s,$(SEEDS),$(DEMO)/eval-gap-$(s) $(DEMO)/eval-control-$(s))
 
 .PHONY: venv test demo

@@ -17,16 +17,18 @@ every other round), torch.cuda.synchronize around every clock read, the median r
   latent    ours only: v = PCAHead(h) fed back as the next input embedding (no lm_head), per step
 """
 
+import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
 import model
+import prepare
 
 # ---- options ----
 
@@ -50,14 +52,8 @@ class Options:
 
 
 def parse_args(argv=None):
-    import argparse
     p = argparse.ArgumentParser(description="Prefill / decode / latent-step speed, ours vs transformers.")
-    for f in fields(Options):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default, **f.metadata)
+    prepare.add_options(p, Options)   # the one option generator every gap script uses
     return Options(**vars(p.parse_args(argv)))
 
 

@@ -514,8 +514,27 @@ def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, 
 # ---- CLI ----
 
 
+def summary(folders):
+    """Mean +- std of accuracy over seeds: eval folders named <group>-<seed> (what `make demo SEEDS=...` writes)."""
+    groups = {}
+    for folder in folders:
+        res = json.loads((Path(folder) / "results.json").read_text())
+        group = Path(folder).name.rsplit("-", 1)[0]
+        for row in res["intervention"]:
+            groups.setdefault((group, row["mode"]), []).append(row["accuracy"])
+    rows = [{"run": g, "mode": m, "seeds": len(a), "mean": float(np.mean(a)), "std": float(np.std(a))}
+            for (g, m), a in groups.items()]
+    print(format_table(rows, [("run", "run", "{}"), ("mode", "mode", "{}"), ("seeds", "seeds", "{}"),
+                              ("accuracy", "mean", "{:.4f}"), ("+-", "std", "{:.4f}")]))
+    return rows
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["summary"]:
+        parser = argparse.ArgumentParser(prog="eval.py summary", description="accuracy mean +- std over seeds")
+        parser.add_argument("folders", nargs="+", help="eval output folders named <group>-<seed>")
+        return summary(parser.parse_args(argv[1:]).folders)
     if argv[:1] == ["norms"]:
         parser = argparse.ArgumentParser(prog="eval.py norms", description="layer-wise norm profile (Fig. 2)")
         prepare.add_options(parser, NormsOptions)

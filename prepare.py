@@ -83,7 +83,8 @@ def add_options(parser, cls):
         elif f.default is MISSING:
             parser.add_argument(flag, type=f.type, required=True, help=help_)
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=f"{help_} (default {f.default})")
+            parser.add_argument(flag, type=f.type, default=f.default, help=f"{help_} (default {f.default})",
+                                choices=f.metadata.get("choices"))
 
 
 # ---- tokenizer and chat template (QWEN25VL.md §1.2, §6) ----

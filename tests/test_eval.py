@@ -186,3 +186,17 @@ def test_score_file_resumes(folder, bundle, jsonl, tmp_path, monkeypatch):
     gapeval.score_file(folder, jsonl, **kw)
     assert calls == [ts.Q_B, "Which?"]                      # only r1 and r2 were sampled again
     assert [json.loads(l) for l in out.read_text().splitlines()] == first   # and drew the same samples
+
+
+def test_summary_over_seeds(tmp_path, capsys):
+    for name, accs in (("eval-gap-1", {"pca": 0.5, "zero": 0.25}), ("eval-gap-2", {"pca": 0.7, "zero": 0.25}),
+                       ("eval-control-1", {"zero": 0.4})):
+        (tmp_path / name).mkdir()
+        rows = [{"mode": m, "accuracy": a} for m, a in accs.items()]
+        (tmp_path / name / "results.json").write_text(json.dumps({"intervention": rows}))
+    rows = gapeval.main(["summary", *(str(p) for p in sorted(tmp_path.iterdir()))])
+    got = {(r["run"], r["mode"]): (r["seeds"], r["mean"], r["std"]) for r in rows}
+    assert got[("eval-gap", "pca")] == (2, pytest.approx(0.6), pytest.approx(0.1))
+    assert got[("eval-gap", "zero")] == (2, pytest.approx(0.25), pytest.approx(0.0))
+    assert got[("eval-control", "zero")] == (1, pytest.approx(0.4), pytest.approx(0.0))
+    assert "eval-gap" in capsys.readouterr().out
