@@ -158,3 +158,17 @@ def test_activation_checkpointing_is_exact(syn, tmp_path):
         train.main(cfg)
         runs.append([v for r in metrics(cfg.out) for v in (r["lm_loss"], r["latent_loss"], r["grad_norm"])])
     assert runs[0] == pytest.approx(runs[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["full", "raw"])
+def test_other_heads_train_and_load_in_sample(syn, tmp_path, kind):
+    """The ablation heads train through the same loop, and sample.py loads what train.py exports for them."""
+    import sample
+    cfg = cfg_for(syn, tmp_path / kind, tau=1.0, epochs=1, latent_head=kind)
+    train.main(cfg)
+    assert all(r["n_latents"] > 0 for r in metrics(cfg.out))
+    bundle = sample.load(cfg.out)
+    assert bundle.kind == kind and (kind == "raw") != (Path(cfg.out) / "latent_head.safetensors").exists()
+    rec = json.loads((syn / "raw" / "test.jsonl").read_text().splitlines()[0])
+    row = sample.generate(bundle, [syn / "raw" / rec["image"]], [rec["question"]], mode=kind, max_new_tokens=6)[0]
+    assert row["n_generated"] <= 6
