@@ -3,6 +3,7 @@ PY ?= .venv/bin/python
 DEVICE ?= cpu
 DEMO ?= out/demo
 SYN ?= data/synthetic
+N ?= 600
 # The tiny synthetic model learns in minutes only with a far larger lr and smaller batch than the paper's 7B recipe.
 DEMO_TRAIN ?= --global-batch 16 --micro-batch 16 --lr 5e-3 --head-lr 5e-3 --epochs 8 --warmup-ratio 0.05 --log-every 40
 SEEDS ?= 1 2
@@ -22,7 +23,7 @@ test: .venv/ok
 # GAP (PCA head, tau = 0 from the generator's difficulty) against a control trained on the same data with every
 # latent span stripped (tau = -1); then the intervention table on the held-out split and the norm profile plot.
 demo: .venv/ok
-	$(PY) prepare.py synthetic --out $(SYN) --device $(DEVICE)
+	$(PY) prepare.py synthetic --out $(SYN) --n $(N) --device $(DEVICE)
 	for s in $(SEEDS); do \
 	  $(PY) train.py --data $(SYN)/prepared --model $(SYN)/model --out $(DEMO)/gap-$$s --tau 0 --seed $$s \
 	    --device $(DEVICE) $(DEMO_TRAIN) && \
