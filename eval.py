@@ -3,9 +3,9 @@ layer-wise norm profile (the paper's Fig. 2). Data: our JSONL (DESIGN "Data": id
 category optional; paths relative to the file) or a VLMEvalKit TSV (index, image as base64, question, A, B, ...
 options, answer, category).
 
-    python eval.py --model runs/gap --data data/synthetic/raw/test.jsonl --modes pca,zero,noise,raw --latents 0,4,16,36
-    python eval.py --model runs/gap-7b --data MathVista_MINI.tsv --device cuda --batch-size 16 --out out/mathvista
-    python eval.py norms --model runs/gap --data data/synthetic/raw/test.jsonl --limit 16 --out out/norms
+    python eval.py --model out/gap --data data/synthetic/raw/test.jsonl --modes pca,zero,noise,raw --latents 0,4,16,36
+    python eval.py --model out/gap-7b --data MathVista_MINI.tsv --device cuda --batch-size 16 --out out/mathvista
+    python eval.py norms --model out/gap --data data/synthetic/raw/test.jsonl --limit 16 --out out/norms
 
 Outputs under --out: predictions-<mode>-<latents>.jsonl per run, results.json (both tables), norms.json/norms.png.
 score_file() is the difficulty scorer behind `prepare.py score` (N samples of the base model per record).

@@ -14,6 +14,9 @@ Below the convenience call the trunk is explicit, so text, image tokens and GAP 
     h = m.decode(x, pos, attention_mask)                      # (B, T, D) final-normed hidden state h̄
     logits = m.lm_head(h)
 
+    .venv/bin/python -m pytest -q tests/test_model.py     # parity with transformers on tiny random checkpoints
+    .venv/bin/python bench.py --config small              # speed against transformers, same weights and inputs
+
 Architecture facts and their traps are in shared/QWEN25VL.md (section numbers below refer to it).
 Only torch, safetensors, numpy and PIL are imported: transformers is a test oracle, never a dependency.
 """

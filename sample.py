@@ -11,8 +11,8 @@ Latents sit at ordinary sequential text positions (DESIGN "Latent loop"). Feedba
     noise  c ~ N(0, diag(lambda_1..k)) reconstructed through the PCA basis
 --ema-norm rescales every fed-back latent to the mean norm of the query image's vision embeddings.
 
-    python sample.py --model runs/gap --image cat.png --question "How many legs?"             # tiny, CPU
-    python sample.py --model runs/gap-7b --image geo.png --question "..." --mode raw --ema-norm --device cuda
+    python sample.py --model out/gap --image cat.png --question "How many legs?"             # tiny, CPU
+    python sample.py --model out/gap-7b --image geo.png --question "..." --mode raw --ema-norm --device cuda
     python sample.py --model Qwen2.5-VL-7B-Instruct --image cat.png --question "..." --mode zero --json
 
 Library use: bundle = sample.load(DIR); rows = sample.generate(bundle, [img], ["question"], mode="pca").
