@@ -405,7 +405,8 @@ def main(cfg):
            f"micro-batch {cfg.micro_batch} = {cfg.global_batch} | {total} steps | {device}", rank=rank)
     fill_id = gap.vlm.cfg.bos_token_id   # <|endoftext|>, Qwen's pad token, fills the right padding
     step = load_checkpoint(gap, opt, cfg) if cfg.resume else 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    # bf16 autocast on CUDA over fp32 master weights (the heads compute in fp32 inside); plain fp32 on CPU
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
