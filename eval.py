@@ -306,8 +306,8 @@ def parse_list(s, cast, what):
 
 def evaluate(opts, bundle=None):
     """The intervention table (modes at the folder's N) and the budget sweep (N at the sweep mode). -> results."""
-    device = sample.resolve_device(opts.device)
-    bundle = bundle or sample.load(opts.model, sample.resolve_dtype(opts.dtype, device), device)
+    device = prepare.resolve_device(opts.device)
+    bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device)
     records = read_data(opts.data)
     records = records[:opts.limit] if opts.limit > 0 else records
     if not records:
@@ -448,8 +448,8 @@ def plot_norms(prof, path):
 
 
 def norms_main(opts, bundle=None):
-    device = sample.resolve_device(opts.device)
-    bundle = bundle or sample.load(opts.model, sample.resolve_dtype(opts.dtype, device), device)
+    device = prepare.resolve_device(opts.device)
+    bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device)
     records = read_data(opts.data, need_answer=False)[:max(opts.limit, 1)]
     prof = norm_profile(bundle, records)
     prof["data"] = str(opts.data)
@@ -487,10 +487,10 @@ def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, 
                 continue                                      # the line a crash cut short: re-score that record
             if isinstance(obj, dict) and obj.get("accuracy") is not None:
                 scored[str(obj.get("id"))] = obj
-    device = sample.resolve_device(device)
+    device = prepare.resolve_device(device)
     todo = [(i, r) for i, r in enumerate(records) if r["id"] not in scored]
     if todo and bundle is None:
-        bundle = sample.load(model_dir, sample.resolve_dtype(dtype, device), device)
+        bundle = sample.load(model_dir, prepare.resolve_dtype(dtype, device), device)
     tmp = out_file.with_name(out_file.name + ".tmp")
     # rewrite what is already scored (dropping a torn line), in data order, then append as records finish
     with open(tmp, "w", encoding="utf-8") as f:

@@ -75,6 +75,19 @@ class ScoreOptions:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
 
 
+def resolve_device(name):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def resolve_dtype(name, device):
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise ValueError(f"--dtype {name!r}: expected auto, bf16, fp16 or fp32")
+    return table[name]
+
+
 def add_options(parser, cls):
     for f in fields(cls):
         flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
@@ -409,12 +422,8 @@ def build(opts):
 
     # Targets, shard by shard. A shard whose fingerprint matches is kept (resume after a crash); the ViT is only
     # loaded if some shard is missing. Only the tower is kept: the decoder's weights are freed right away.
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
-    dtypes = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-              "fp32": torch.float32}
-    if opts.dtype not in dtypes:
-        raise ValueError(f"--dtype {opts.dtype!r}: expected one of {sorted(dtypes)}")
-    dtype = dtypes[opts.dtype]
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
     with_spans = [r for r in recs if r["aux_images"]]
     if not with_spans:
         raise DataError(f"{data}: no record has a {LATENT_PLACEHOLDER} span; nothing to fit the PCA on")

@@ -57,19 +57,6 @@ class SampleOptions:
     json: bool = field(default=False, metadata={"help": "print the result dict as JSON"})
 
 
-def resolve_device(name):
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def resolve_dtype(name, device):
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in table:
-        raise ValueError(f"--dtype {name!r}: expected auto, bf16, fp16 or fp32")
-    return table[name]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # ---- loading ----
 
@@ -424,8 +411,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_options(parser, SampleOptions)
     opts = SampleOptions(**vars(parser.parse_args(argv)))
-    device = resolve_device(opts.device)
-    bundle = load(opts.model, resolve_dtype(opts.dtype, device), device)
+    device = prepare.resolve_device(opts.device)
+    bundle = load(opts.model, prepare.resolve_dtype(opts.dtype, device), device)
     mode = opts.mode if opts.mode != "auto" else (bundle.kind or "zero")
     t0 = time.perf_counter()
     row = generate(bundle, [opts.image], [opts.question], mode=mode, max_new_tokens=opts.max_new_tokens,
