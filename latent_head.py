@@ -280,15 +280,26 @@ def noise_latents(basis, shape, generator=None):
 # ---- losses and VaLR alignment ---------------------------------------------------------------------------------------
 
 
-def latent_loss(pred, target, reduction="mean"):
-    """Eq. 2: squared L2 error per latent (summed over d), averaged over latents, in fp32.
+LATENT_LOSS_OVER_D = ("mean", "sum")
 
-    reduction="sum" returns the total so train.py can divide by the global latent count across micro-batches and
-    ranks (STYLE 17). With no latents at all (every span stripped by tau) it returns a graph-connected zero.
+
+def latent_loss(pred, target, reduction="mean", over_d="mean"):
+    """Eq. 2: squared error per latent, averaged over latents, in fp32.
+
+    over_d says how one latent's d squared errors are reduced. "sum" is Eq. 2 as written (a squared L2 norm). "mean"
+    (the default) divides that by d, so lambda_latent = 1.0 stays sane at every scale: at 7B the vision embeddings
+    have norm ~50 and d = 3584, so the summed error of an untrained head is ~10^3 x the LM loss and swamps it (in
+    this repo's synthetic miniature, with a trained ViT, it starts near 1,500 per latent and the model emits
+    garbage at lambda 1). reduction="sum" returns the total over latents so train.py can divide by the global
+    latent count across micro-batches and ranks (a global mean, not a mean of micro-batch means). With no latents at all (every span stripped by tau) it
+    returns a graph-connected zero.
     """
     if pred.shape != target.shape:
         raise ValueError(f"latent_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    err = (pred.float() - target.float()).pow(2).sum(-1)  # (...,) one value per latent
+    if over_d not in LATENT_LOSS_OVER_D:
+        raise ValueError(f"latent_loss: over_d {over_d!r}: expected mean or sum")
+    err = (pred.float() - target.float()).pow(2)                                  # (..., d)
+    err = err.mean(-1) if over_d == "mean" else err.sum(-1)                       # (...,) one value per latent
     if err.numel() == 0:
         return pred.float().sum() * 0.0
     return err.sum() if reduction == "sum" else err.mean()

@@ -51,6 +51,9 @@ class TrainConfig:
     latent_head: str = field(default="pca",
                              metadata={"help": "pca (GAP) | full (d->d ablation) | raw (output-as-input baseline)"})
     lambda_latent: float = field(default=1.0, metadata={"help": "weight of L_latent (Eq. 2)"})
+    latent_loss: str = field(default="mean", metadata={
+        "help": "squared error of one latent: mean over its d dims (lambda 1.0 safe at any d) | sum (Eq. 2 as "
+                "written: ~d x larger)", "choices": lh.LATENT_LOSS_OVER_D})
     tau: float = field(default=0.0, metadata={"help": "keep latent spans only for records with accuracy <= tau"})
     scheduled_sampling: float = field(default=0.0,
                                       metadata={"help": "probability of feeding the model's own detached latent (2nd pass)"})
@@ -205,9 +208,10 @@ def step_indices(n, cfg, step, world):
 
 
 class GAP(nn.Module):
-    def __init__(self, vlm, head, valr=None, repa_layer=-1):
+    def __init__(self, vlm, head, valr=None, repa_layer=-1, latent_loss="mean"):
         super().__init__()
         self.vlm, self.head, self.valr, self.repa_layer = vlm, head, valr, repa_layer
+        self.latent_loss = latent_loss   # mean | sum over the d dims of one latent (see lh.latent_loss)
 
     def forward(self, batch, pad_id, ss_prob=0.0):
         """-> (lm_sum, latent_sum, valr_sum): sums over this micro-batch; the caller divides by global counts."""
@@ -237,7 +241,7 @@ class GAP(nn.Module):
         if v is None:   # every span stripped: run the head on no rows, so DDP/FSDP still see its parameters used
             v = h.new_zeros(0, h.shape[-1], dtype=torch.float32)
         v_hat = self.head(h[prev])                                          # Eq. 1, (n_lat, d) fp32
-        lat_sum = lh.latent_loss(v_hat, v, reduction="sum")                 # Eq. 2 (summed; mean taken by caller)
+        lat_sum = lh.latent_loss(v_hat, v, reduction="sum", over_d=self.latent_loss)   # Eq. 2, summed over latents
         valr_sum = h.new_zeros((), dtype=torch.float32)
         if use_valr:
             valr_sum = -F.cosine_similarity(self.valr(layers[self.repa_layer][prev]), v, dim=-1).sum()   # VaLR
@@ -266,7 +270,7 @@ def build(cfg, records, device, rank, world):
     if cfg.compile:
         for layer in vlm.model.layers:   # in-place Module.compile keeps the uncompiled names for saving
             layer.compile()
-    gap = GAP(vlm, head, valr, cfg.repa_layer)
+    gap = GAP(vlm, head, valr, cfg.repa_layer, cfg.latent_loss)
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         for layer in vlm.model.layers:
@@ -373,7 +377,7 @@ def export(gap, cfg, records, basis, rank):
         basis.save(out / "pca.safetensors")
     gap_json = dict(latent_head=cfg.latent_head, n_latents=records.n_latents, tau=cfg.tau,
                     latent_ids=dict(start=records.start_id, pad=records.pad_id, end=records.end_id),
-                    vision_norm=records.manifest["target_norm"], lambda_latent=cfg.lambda_latent,
+                    vision_norm=records.manifest["target_norm"], lambda_latent=cfg.lambda_latent, latent_loss=cfg.latent_loss,
                     image_min_pixels=records.pixels[0], image_max_pixels=records.pixels[1])
     (out / "gap.json").write_text(json.dumps(gap_json, indent=2) + "\n")
 

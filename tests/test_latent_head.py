@@ -160,9 +160,14 @@ def test_full_and_raw_heads():
 def test_latent_loss_hand_computed():
     pred = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
     target = torch.tensor([[0.0, 0.0], [3.0, 2.0]]).bfloat16()
-    # per latent: 1 + 4 = 5 and 0 + 4 = 4 -> mean 4.5, sum 9
-    assert lh.latent_loss(pred, target).item() == pytest.approx(4.5)
-    assert lh.latent_loss(pred, target, reduction="sum").item() == pytest.approx(9.0)
+    # per latent, summed over d (Eq. 2 as written): 1 + 4 = 5 and 0 + 4 = 4 -> mean 4.5, sum 9
+    assert lh.latent_loss(pred, target, over_d="sum").item() == pytest.approx(4.5)
+    assert lh.latent_loss(pred, target, reduction="sum", over_d="sum").item() == pytest.approx(9.0)
+    # the default divides each latent's error by d = 2: 2.5 and 2 -> mean 2.25, sum 4.5
+    assert lh.latent_loss(pred, target).item() == pytest.approx(2.25)
+    assert lh.latent_loss(pred, target, reduction="sum").item() == pytest.approx(4.5)
+    with pytest.raises(ValueError, match="over_d 'max'"):
+        lh.latent_loss(pred, target, over_d="max")
     empty = torch.zeros(0, 2, requires_grad=True)
     z = lh.latent_loss(empty, torch.zeros(0, 2))
     assert z.item() == 0.0 and z.requires_grad

@@ -16,8 +16,9 @@ import prepare  # noqa: E402
 import train  # noqa: E402
 
 # The first steps of the synthetic run below (seed 12345, n=32): lm loss, latent loss. A change to the model,
-# the data generator, the loss normalisation or the optimizer shows up here first.
-GOLDEN = [(6.9306, 34.0837), (6.8418, 32.0773), (6.554, 9.3496), (6.2483, 3.8949)]
+# the data generator, the loss normalisation or the optimizer shows up here first. The latent loss is the
+# per-element mean over d = 128 (--latent-loss mean): the first step is Eq. 2's summed 34.0837 / 128.
+GOLDEN = [(6.9306, 0.2663), (6.7107, 0.2579), (6.3035, 0.0338), (6.0146, 0.0205)]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,18 @@ def test_losses_decrease_and_golden_trace(syn, tmp_path):
         assert (out / name).exists(), name
     gap = json.loads((out / "gap.json").read_text())
     assert gap["latent_head"] == "pca" and gap["n_latents"] == 36 and gap["vision_norm"] > 0
+
+
+def test_latent_loss_sum_is_eq2_as_written(syn, tmp_path):
+    """--latent-loss sum: the same first step, with each latent's squared error summed over d (d x the default)."""
+    cfg = cfg_for(syn, tmp_path / "sum", tau=1.0, latent_loss="sum", stop_after=1)
+    train.main(cfg)
+    (row,) = metrics(cfg.out)
+    assert row["latent_loss"] == pytest.approx(34.0837, rel=2e-3)
+    assert row["latent_loss"] / 128 == pytest.approx(GOLDEN[0][1], rel=2e-3) and row["lm_loss"] == pytest.approx(
+        GOLDEN[0][0], rel=2e-3)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--latent-loss", "max"])
 
 
 def test_strip_by_tau(syn):
