@@ -294,30 +294,33 @@ def window_index(grid_thw, window_merged, merge):
 
 class Segments:
     """Plan for attention inside each segment [cu[i], cu[i+1]) of a packed sequence, never across segments.
-    Segments are padded to the longest one and run as one SDPA batch with a key mask, so windows (<= 64 patches)
-    cost O(N * 64) rather than an (N, N) block-diagonal mask. Planned once per forward on the host (cu_seqlens is a
-    few ints per image), so the 32 blocks pay no host syncs; equal-length segments are a free view."""
+    Segments of equal length run as one SDPA batch with no mask at all (so CUDA can pick flash / memory-efficient
+    kernels): one group per distinct length. A 448x448 image has 16 windows of 64 patches, one group; mixed image
+    sizes add one group per size (full-attention blocks) and per edge-window shape, a handful, and nothing is ever
+    padded to the largest segment. Planned once per forward on the host (cu_seqlens is a few ints per image), so the
+    32 blocks pay no host syncs; a single group of contiguous equal segments is a free view."""
 
     def __init__(self, cu_seqlens, device):
-        lens = cu_seqlens.diff()
-        self.S, self.L = len(lens), int(lens.max())
-        self.equal = bool((lens == self.L).all())
-        if not self.equal:
-            ar = torch.arange(self.L)
-            valid = ar[None, :] < lens[:, None]                                  # (S, L)
-            self.gather = torch.where(valid, cu_seqlens[:-1, None] + ar, 0).to(device)      # (S, L) token index
-            self.mask = valid[:, None, None, :].to(device)                       # (S, 1, 1, L) real keys
-            self.unpad = (torch.arange(self.S)[:, None] * self.L + ar)[valid].to(device)   # (N,) back to packed
+        lens, starts = cu_seqlens.diff(), cu_seqlens[:-1]
+        self.groups = []                                                         # (n_seg, L) token indices
+        for L in lens.unique().tolist():
+            idx = starts[lens == L][:, None] + torch.arange(L)                   # (n_seg, L)
+            self.groups.append(idx.to(device))
+        self.contiguous = len(self.groups) == 1                                  # all equal: segments are a view
 
     def attention(self, q, k, v):
         """q, k, v: (N, nh, hd) -> (N, nh, hd), bidirectional within each segment."""
         N, nh, hd = q.shape
-        if self.equal:
-            qs, ks, vs = (t.view(self.S, self.L, nh, hd).transpose(1, 2) for t in (q, k, v))   # (S, nh, L, hd)
+        if self.contiguous:
+            S, L = self.groups[0].shape
+            qs, ks, vs = (t.view(S, L, nh, hd).transpose(1, 2) for t in (q, k, v))      # (S, nh, L, hd)
             return F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).reshape(N, nh, hd)
-        qs, ks, vs = (t[self.gather].transpose(1, 2) for t in (q, k, v))                       # (S, nh, L, hd)
-        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.mask)
-        return out.transpose(1, 2).reshape(self.S * self.L, nh, hd)[self.unpad]               # drop the padding
+        out = torch.empty_like(q)
+        for idx in self.groups:
+            qs, ks, vs = (t[idx].transpose(1, 2) for t in (q, k, v))                     # (n_seg, nh, L, hd)
+            y = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)              # (n_seg, L, nh, hd)
+            out[idx.flatten()] = y.reshape(-1, nh, hd)
+        return out
 
 
 class VisionAttention(nn.Module):
@@ -435,9 +438,101 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+        """Write k, v (B', nkv, T, hd) at slots input_pos into the first B' rows (B' < B: a prefill that
+        Qwen25VL.spread_cache then copies to the other rows) -> those rows' whole cache."""
+        B = k.shape[0]
+        self.k[:B].index_copy_(2, input_pos, k)
+        self.v[:B].index_copy_(2, input_pos, v)
+        return self.k[:B], self.v[:B]
+
+
+# ---- attention plans: which SDPA form each call uses ----
+# torch's fused SDPA kernels each refuse something: flash takes no attn_mask, memory-efficient and cuDNN take no
+# enable_gqa (https://github.com/pytorch/pytorch/issues/139586), and anything refused falls back to the math kernel,
+# which for 7B upcasts and expands the KV cache 7x per decode step and materialises (B, 28, T, S) fp32 scores at
+# prefill (~30 GB for one 16k-token image). So each forward picks, once, a form some fused kernel accepts:
+#   causal  prefill with no padding: is_causal over the chunk itself (+ enable_gqa -> flash)
+#   rows    left-padded prefill: per row, is_causal over its real suffix (variable length without a mask)
+#   decode  one new token against the cache: the g = nh / nkv query heads of a KV group are folded into the query
+#           axis, (B, nkv, g, hd) against (B, nkv, L, hd) - no enable_gqa, so a key mask (B, 1, 1, L) is fine for
+#           the memory-efficient / cuDNN kernels - and only a bucketed prefix L of the cache is read
+#   masked  anything else (a chunk at a non-zero offset, holes in the mask) and the reference the fast forms are
+#           tested against: a boolean (B, 1, T, S) mask with enable_gqa
+
+
+class AttentionPlan:
+    def __init__(self, kind, mask=None, starts=None, kv_len=None, gqa=True):
+        self.kind, self.mask, self.starts, self.kv_len = kind, mask, starts, kv_len
+        self.gqa = gqa    # False: repeat K/V heads instead of enable_gqa (no fused kernel takes GQA for this dtype)
+
+
+_GQA_FUSED = {}   # (device, dtype) -> bool: does a fused (non-math) SDPA kernel accept enable_gqa + is_causal?
+
+
+def gqa_is_fused(device, dtype):
+    """Detected once per (device, dtype) by trying a tiny call with the math kernel excluded. On CUDA flash takes
+    GQA in bf16/fp16 only; in fp32 repeating K/V heads (7x the chunk's K/V, not the cache) keeps memory-efficient."""
+    if device.type != "cuda":
+        return True                     # CPU: one kernel family either way
+    key = (str(device), dtype)
+    if key not in _GQA_FUSED:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        q = torch.zeros(1, 4, 8, 64, device=device, dtype=dtype)
+        kv = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                              SDPBackend.EFFICIENT_ATTENTION]):
+                F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+            _GQA_FUSED[key] = True
+        except RuntimeError:            # "No available kernel"
+            _GQA_FUSED[key] = False
+    return _GQA_FUSED[key]
+
+
+def left_pad_starts(attention_mask):
+    """(B, T) 0/1 mask -> per-row count of leading pads (list), or None if the mask is not pads-then-real."""
+    am = attention_mask.bool().cpu()
+    starts = (~am).sum(1)
+    if not bool((am == (torch.arange(am.shape[1]) >= starts[:, None])).all()):
+        return None
+    return starts.tolist()
+
+
+def attention_plan(attention_mask, T, S, input_pos, kv_len, device, dtype, fast=True):
+    """Decide the attention form of one forward (see above). Prefill plans cost one host sync, decode plans none."""
+    masked = lambda: AttentionPlan("masked", attention_mask_4d(attention_mask, T, S, input_pos, device))
+    if not fast:
+        if attention_mask is None and input_pos is None:
+            return AttentionPlan("causal")          # the plain causal case was always is_causal
+        return masked()
+    if input_pos is not None and T == 1:
+        L = kv_len or S
+        k_idx = torch.arange(L, device=device)
+        mask = (k_idx <= input_pos)[None]                                         # (1, L) causal: written slots
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, :L].bool()                             # (B, L) real keys
+        return AttentionPlan("decode", mask.view(mask.shape[0], 1, 1, L), kv_len=L)
+    gqa = gqa_is_fused(device, dtype)
+    if input_pos is not None and input_pos[[0, -1]].tolist() != [0, T - 1]:
+        return masked()                             # a chunk appended after earlier slots
+    starts = None if attention_mask is None else left_pad_starts(attention_mask[:, :T])
+    if attention_mask is not None and starts is None:
+        return masked()
+    if starts is None or not any(starts):
+        return AttentionPlan("causal", gqa=gqa)
+    return AttentionPlan("rows", starts=starts, gqa=gqa)
+
+
+def attention_mask_4d(attention_mask, T, S, input_pos, device):
+    """Boolean (B|1, 1, T, S) mask: query at sequence index i sees key s iff s <= i and the key is real.
+    Each query also sees itself, so a left-pad query never has an empty row (its output is ignored anyway)."""
+    q_idx = input_pos if input_pos is not None else torch.arange(T, device=device)
+    k_idx = torch.arange(S, device=device)
+    mask = k_idx[None, :] <= q_idx[:, None]                                    # (T, S) causal by index
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]                        # (B, T, S)
+    mask = mask | (k_idx[None, :] == q_idx[:, None])
+    return mask.reshape(-1, 1, T, S)   # (B|1, 1, T, S): 4-D, or CPU SDPA drops to its slow math path
 
 
 class Attention(nn.Module):
@@ -450,16 +545,35 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def causal(self, q, k, v, gqa):
+        if not gqa:
+            g = self.nh // self.nkv
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)   # (B, nh, T, hd)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    def forward(self, x, cos, sin, plan, input_pos):
         B, T, _ = x.shape
+        g = self.nh // self.nkv
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)         # §8.3: in the activation dtype
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)                    # (B, nkv, S, hd)
-        # GQA: query head j reads kv head j // (nh / nkv) (repeat_interleave convention, §3.2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v   # §8.3: in the activation dtype
+        kc, vc = self.kv_cache.update(input_pos, k, v) if input_pos is not None else (k, v)   # (B, nkv, S, hd)
+        # GQA: query head j reads kv head j // g (repeat_interleave convention, §3.2)
+        if plan.kind == "decode":
+            L = plan.kv_len
+            qf = q.reshape(B, self.nkv, g, self.hd)                           # (B, nkv, g, hd): heads on the query axis
+            y = F.scaled_dot_product_attention(qf, kc[:, :, :L], vc[:, :, :L], attn_mask=plan.mask)
+            y = y.view(B, self.nh, 1, self.hd)                                # (B, nh, 1, hd)
+        elif plan.kind == "causal":
+            y = self.causal(q, k, v, plan.gqa)
+        elif plan.kind == "rows":
+            # a left pad query attends to itself only (the masked reference's rule), so its output is its own value
+            y = v.repeat_interleave(g, dim=1)                                 # (B, nh, T, hd)
+            for b, s in enumerate(plan.starts):
+                y[b:b + 1, :, s:] = self.causal(q[b:b + 1, :, s:], k[b:b + 1, :, s:], v[b:b + 1, :, s:], plan.gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=plan.mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -484,18 +598,6 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def attention_mask_4d(attention_mask, T, S, input_pos, device):
-    """Boolean (B|1, 1, T, S) mask: query at sequence index i sees key s iff s <= i and the key is real.
-    Each query also sees itself, so a left-pad query never has an empty row (its output is ignored anyway)."""
-    q_idx = input_pos if input_pos is not None else torch.arange(T, device=device)
-    k_idx = torch.arange(S, device=device)
-    mask = k_idx[None, :] <= q_idx[:, None]                                    # (T, S) causal by index
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, :]                        # (B, T, S)
-    mask = mask | (k_idx[None, :] == q_idx[:, None])
-    return mask.reshape(-1, 1, T, S)   # (B|1, 1, T, S): 4-D, or CPU SDPA drops to its slow math path
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # ---- the full model ----
 
@@ -511,6 +613,7 @@ class Qwen25VL(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.fast_attention = True   # False: every call takes the plain masked SDPA form (the parity reference)
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
         """Token embeddings with each <|image_pad|> overwritten, in row-major order, by the next image feature."""
@@ -531,19 +634,18 @@ class Qwen25VL(nn.Module):
     def position_ids(self, input_ids, image_grid_thw=None, attention_mask=None):
         return get_position_ids(self.cfg, input_ids, image_grid_thw, attention_mask)
 
-    def decode(self, x, position_ids, attention_mask=None, input_pos=None, return_layers=False):
+    def decode(self, x, position_ids, attention_mask=None, input_pos=None, return_layers=False, kv_len=None):
         """The trunk: input embeddings (B, T, D) + explicit M-RoPE positions (3, B, T) -> final-normed h̄ (B, T, D).
-        With input_pos (T,) the chunk's keys/values go to those cache slots and attention reads the whole cache;
+        With input_pos (T,) the chunk's keys/values go to those cache slots and attention reads the cache (a one-token
+        step reads only the first kv_len slots, default all: every slot it must see has to lie below kv_len);
         attention_mask (B, S) marks real keys (S = T, or the cache length)."""
         B, T, _ = x.shape
         S = T if input_pos is None else self.model.layers[0].self_attn.kv_cache.k.shape[2]
         cos, sin = mrope_cos_sin(position_ids, self.cfg.text, x.dtype)
-        # the plain causal case uses SDPA's is_causal fast path; anything else gets an explicit boolean mask
-        mask = None if (attention_mask is None and input_pos is None) else \
-            attention_mask_4d(attention_mask, T, S, input_pos, x.device)
+        plan = attention_plan(attention_mask, T, S, input_pos, kv_len, x.device, x.dtype, self.fast_attention)
         layers = [x]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, plan, input_pos)
             if return_layers:
                 layers.append(x)
         h = self.model.norm(x)
@@ -556,10 +658,27 @@ class Qwen25VL(nn.Module):
         return self.lm_head(self.decode(x, position_ids, attention_mask)).float()   # logits (B, T, V) in fp32
 
     def setup_cache(self, batch_size, max_seq_len, dtype=None, device=None):
+        """Static KV caches for every layer. Caches of the same shape, dtype and device are kept (and zeroed): a
+        compiled decode step replays CUDA graphs that hold the buffers' addresses, so one eval reuses one set."""
         w = self.lm_head.weight
+        dtype, device = dtype or w.dtype, torch.device(device or w.device)
         for layer in self.model.layers:
-            a = layer.self_attn
-            a.kv_cache = KVCache(batch_size, max_seq_len, a.nkv, a.hd, dtype or w.dtype, device or w.device)
+            a, c = layer.self_attn, layer.self_attn.kv_cache
+            if c is not None and c.k.shape == (batch_size, a.nkv, max_seq_len, a.hd) and c.k.dtype == dtype \
+                    and c.k.device == device:
+                c.k.zero_(), c.v.zero_()
+            else:
+                a.kv_cache = None                     # free the old buffers before allocating the new ones
+                a.kv_cache = KVCache(batch_size, max_seq_len, a.nkv, a.hd, dtype, device)
+
+    def spread_cache(self, n, length):
+        """Prefill once, sample n times: cache row b (of the first B / n, written by a B / n-row prefill) is copied to
+        rows b*n .. b*n + n - 1 over slots [0, length)."""
+        for layer in self.model.layers:
+            c = layer.self_attn.kv_cache
+            B = c.k.shape[0] // n
+            for buf in (c.k, c.v):
+                buf[:, :, :length] = buf[:B, :, :length].repeat_interleave(n, dim=0)   # (B * n, nkv, length, hd)
 
     def clear_cache(self):
         for layer in self.model.layers:
