@@ -56,6 +56,9 @@ class EvalOptions:
     seed: int = field(default=0, metadata={"help": "sampling / noise seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
+    min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = gap.json's (the trained "
+                                                          "resolution), else preprocessor_config.json's"})
+    max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = as for min_pixels"})
 
 
 @dataclass
@@ -66,6 +69,8 @@ class NormsOptions:
     out: str = field(default="out/norms", metadata={"help": "output folder (norms.json, norms.png)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda ..."})
     dtype: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
+    min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = the folder's"})
+    max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = the folder's"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,7 +312,9 @@ def parse_list(s, cast, what):
 def evaluate(opts, bundle=None):
     """The intervention table (modes at the folder's N) and the budget sweep (N at the sweep mode). -> results."""
     device = prepare.resolve_device(opts.device)
-    bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device)
+    bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device, opts.min_pixels,
+                                   opts.max_pixels)
+    prepare.print_pixels(bundle.pixels)
     records = read_data(opts.data)
     records = records[:opts.limit] if opts.limit > 0 else records
     if not records:
@@ -340,6 +347,7 @@ def evaluate(opts, bundle=None):
     budget = [{**run(sweep_mode, n), "latents": n} for n in tqdm(sweep, desc="sweep")]
     results = {"model": str(opts.model), "data": str(opts.data), "n_records": len(records),
                "n_latents": bundle.n_latents, "ema_norm": opts.ema_norm, "intervention": intervention,
+               "image_min_pixels": bundle.pixels[0], "image_max_pixels": bundle.pixels[1],
                "sweep_mode": sweep_mode if sweep else None, "sweep": budget}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -384,7 +392,7 @@ def norm_profile(bundle, records):
     norms = {"text": ([], []), "vision": ([], [])}       # (input embedding, last block output)
     fb = {k: [] for k in ("raw", bundle.kind if bundle.kind in ("pca", "full") else None, "vision") if k}
     for rec in tqdm(records, desc="norms"):
-        pixel_values, grid = gapmodel.preprocess_image(record_image(rec))
+        pixel_values, grid = sample.preprocess(bundle, record_image(rec))
         n_img = int(grid.prod()) // m.cfg.vision.spatial_merge_size ** 2
         if rec.get("response"):
             ids, _ = prepare.build_example(bundle.tok, rec["question"], rec["response"], n_img, 0)
@@ -449,7 +457,9 @@ def plot_norms(prof, path):
 
 def norms_main(opts, bundle=None):
     device = prepare.resolve_device(opts.device)
-    bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device)
+    bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device, opts.min_pixels,
+                                   opts.max_pixels)
+    prepare.print_pixels(bundle.pixels)
     records = read_data(opts.data, need_answer=False)[:max(opts.limit, 1)]
     prof = norm_profile(bundle, records)
     prof["data"] = str(opts.data)
@@ -471,7 +481,7 @@ def norms_main(opts, bundle=None):
 
 
 def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, top_p=1.0, max_new_tokens=256,
-               seed=0, device="auto", dtype="auto", bundle=None):
+               seed=0, device="auto", dtype="auto", bundle=None, pixels=(-1, -1)):
     """Difficulty scoring: sample the base model `samples` times per record (mode zero: a base model has no latent
     head), grade each with score(), and write a copy of the JSONL with `accuracy` = mean correctness per record.
     Resumable: records already scored in out_file (by id) are kept and skipped; a torn last line is dropped."""
@@ -490,7 +500,8 @@ def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, 
     device = prepare.resolve_device(device)
     todo = [(i, r) for i, r in enumerate(records) if r["id"] not in scored]
     if todo and bundle is None:
-        bundle = sample.load(model_dir, prepare.resolve_dtype(dtype, device), device)
+        bundle = sample.load(model_dir, prepare.resolve_dtype(dtype, device), device, *pixels)
+        prepare.print_pixels(bundle.pixels)
     tmp = out_file.with_name(out_file.name + ".tmp")
     # rewrite what is already scored (dropping a torn line), in data order, then append as records finish
     with open(tmp, "w", encoding="utf-8") as f:

@@ -100,14 +100,21 @@ class Config:
         """Read a hub-style flat config (text keys at the top, `rope_scaling`, `in_chans`) or a transformers-5
         nested one (`text_config`, `rope_parameters`). Keys that change the math and that we do not support raise."""
         top = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
-        text = {**top, **d.get("text_config", {})}   # nested wins over flat
-        vision = dict(d.get("vision_config", {}))
+        # Nested wins over flat, except where it is null: transformers 4.53-4.57 re-save the 7B with
+        # "image_token_id": null (and video/vision ids) inside text_config next to the real ids at the top level.
+        nested = {k: v for k, v in (d.get("text_config") or {}).items() if v is not None}
+        text = {**top, **nested}
+        vision = {k: v for k, v in (d.get("vision_config") or {}).items() if v is not None}
         t = _read_keys(TextConfig, text, _TEXT_IGNORED, f"{source}: text config", _check_text)
         v = _read_keys(VisionConfig, vision, _VISION_IGNORED, f"{source}: vision_config", _check_vision)
-        ids = {f.name: text[f.name] for f in fields(cls) if f.name not in ("text", "vision") and f.name in text}
-        if isinstance(ids.get("eos_token_id"), list):   # some configs list several stop ids; the first is <|im_end|>
-            ids["eos_token_id"] = ids["eos_token_id"][0]
-        cfg = cls(text=t, vision=v, **ids)
+        ids = {f.name: text[f.name] for f in fields(cls) if f.name.endswith("_token_id") and f.name in text}
+        if isinstance(ids.get("eos_token_id"), list) and ids["eos_token_id"]:   # several stop ids: the first is
+            ids["eos_token_id"] = ids["eos_token_id"][0]                       # <|im_end|>
+        for k, i in ids.items():
+            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                raise ValueError(f"{source}: {k}: expected a non-negative integer token id, found {i!r}")
+        tie = {"tie_word_embeddings": bool(text["tie_word_embeddings"])} if "tie_word_embeddings" in text else {}
+        cfg = cls(text=t, vision=v, **ids, **tie)
         if v.out_hidden_size != t.hidden_size:
             raise ValueError(f"{source}: vision_config.out_hidden_size {v.out_hidden_size} != hidden_size "
                              f"{t.hidden_size}: the merger must output text-width embeddings")
@@ -744,9 +751,36 @@ def get_position_ids(cfg: Config, input_ids, image_grid_thw=None, attention_mask
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_DECODE_PIXELS = 89_478_485   # refuse to decode larger files (PIL's own decompression-bomb limit)
+# transformers' Qwen2VLImageProcessor class defaults (4 to 1280 image tokens), used for a folder without a
+# preprocessor_config.json. The hub's Qwen2.5-VL folders set 3136 / 12845056 there (up to 16384 image tokens).
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 
 
-def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
+def read_pixel_limits(folder):
+    """(min_pixels, max_pixels) from a model folder's preprocessor_config.json, or None without one. Both
+    spellings are read: `min_pixels`/`max_pixels` (hub) and `size: {shortest_edge, longest_edge}` (transformers
+    >= 4.5x); like transformers, min_pixels/max_pixels win where both are present."""
+    path = Path(folder) / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read: {e}") from None
+    size = d.get("size") if isinstance(d.get("size"), dict) else {}
+    out = []
+    for key, alt, default in (("min_pixels", "shortest_edge", DEFAULT_MIN_PIXELS),
+                              ("max_pixels", "longest_edge", DEFAULT_MAX_PIXELS)):
+        v = d.get(key) if d.get(key) is not None else size.get(alt, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{path}: {key}: expected a positive integer, found {v!r}")
+        out.append(v)
+    if out[0] > out[1]:
+        raise ValueError(f"{path}: min_pixels {out[0]} > max_pixels {out[1]}")
+    return tuple(out)
+
+
+def smart_resize(height, width, factor=28, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS):
     """§5.1: multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect ratio kept."""
     if min(height, width) <= 0:
         raise ValueError(f"image has zero size ({height}x{width})")
@@ -778,7 +812,7 @@ def load_image(path):
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def preprocess_image(image, min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14, merge_size=2,
+def preprocess_image(image, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS, patch_size=14, merge_size=2,
                      temporal_patch_size=2):
     """PIL image (or a path) -> pixel_values (N, 3*2*14*14) float32 and image_grid_thw (1, 3) int64."""
     if not isinstance(image, Image.Image):

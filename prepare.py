@@ -49,8 +49,10 @@ class BuildOptions:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "ViT dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
     workers: int = field(default=4, metadata={"help": "threads decoding images"})
-    min_pixels: int = field(default=56 * 56, metadata={"help": "question image: smart_resize min_pixels"})
-    max_pixels: int = field(default=28 * 28 * 1280, metadata={"help": "question image: smart_resize max_pixels"})
+    min_pixels: int = field(default=-1, metadata={"help": "question image: smart_resize min_pixels; -1 = the "
+                                                          "model folder's preprocessor_config.json"})
+    max_pixels: int = field(default=-1, metadata={"help": "question image: smart_resize max_pixels; -1 = the "
+                                                          "model folder's preprocessor_config.json"})
 
 
 @dataclass
@@ -73,6 +75,8 @@ class ScoreOptions:
     max_new_tokens: int = field(default=256, metadata={"help": "token limit per sample"})
     seed: int = field(default=0, metadata={"help": "sampling seed (per record: seed + line)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = the model folder's"})
+    max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = the model folder's"})
 
 
 def resolve_device(name):
@@ -86,6 +90,32 @@ def resolve_dtype(name, device):
     if name not in table:
         raise ValueError(f"--dtype {name!r}: expected auto, bf16, fp16 or fp32")
     return table[name]
+
+
+def resolve_pixels(model_dir, min_pixels=-1, max_pixels=-1):
+    """The smart_resize limits for a model folder -> (min_pixels, max_pixels, where they came from). In order:
+    the command line (values > 0), gap.json (the resolution train.py trained at), preprocessor_config.json (the
+    hub's: 3136 / 12845056), transformers' class defaults (3136 / 1003520). The same image gives a different
+    number of image tokens under each (1600x1200: 2451 tokens at the hub's limits, 1230 at the defaults)."""
+    folder, lo, hi, where = Path(model_dir), model.DEFAULT_MIN_PIXELS, model.DEFAULT_MAX_PIXELS, "defaults"
+    gap = folder / "gap.json"
+    trained = json.loads(gap.read_text()) if gap.is_file() else {}
+    if trained.get("image_min_pixels") and trained.get("image_max_pixels"):
+        lo, hi, where = trained["image_min_pixels"], trained["image_max_pixels"], str(gap)
+    elif (found := model.read_pixel_limits(folder)) is not None:
+        (lo, hi), where = found, str(folder / "preprocessor_config.json")
+    if min_pixels > 0 or max_pixels > 0:
+        lo, hi = (min_pixels if min_pixels > 0 else lo), (max_pixels if max_pixels > 0 else hi)
+        where = "command line" if min_pixels > 0 and max_pixels > 0 else f"command line and {where}"
+    if not 0 < lo <= hi:
+        raise ValueError(f"pixel limits: expected 0 < min_pixels <= max_pixels, found {lo} and {hi} ({where})")
+    return lo, hi, where
+
+
+def print_pixels(limits):
+    lo, hi, where = limits
+    print(f"image pixels: min_pixels {lo} max_pixels {hi} ({where}): {lo // 784}..{hi // 784} image tokens",
+          file=sys.stderr)
 
 
 def add_options(parser, cls):
@@ -399,6 +429,9 @@ def build(opts):
     cfg = model.Config.from_json(Path(opts.model) / "config.json")
     tok = load_tokenizer(opts.model)
     latent_ids = check_latent_ids(tok, cfg)
+    pixels = resolve_pixels(opts.model, opts.min_pixels, opts.max_pixels)
+    print_pixels(pixels)
+    opts = replace(opts, min_pixels=pixels[0], max_pixels=pixels[1])   # image tokens are counted at these limits
 
     recs, skipped, n_records = read_records(opts, cfg.vision)
     for s in skipped:
@@ -481,7 +514,7 @@ def score(opts):
     import eval as evaluation   # lazy: eval.py imports this file for the tokenizer and template
     out = evaluation.score_file(opts.model, opts.data, samples=opts.samples, out_file=opts.out,
                                 temperature=opts.temperature, max_new_tokens=opts.max_new_tokens, seed=opts.seed,
-                                device=opts.device)
+                                device=opts.device, pixels=(opts.min_pixels, opts.max_pixels))
     print(f"score: wrote {out}")
 
 

@@ -54,6 +54,9 @@ class SampleOptions:
     seed: int = field(default=0, metadata={"help": "sampling and noise-latent seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
+    min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = gap.json's (the trained "
+                                                          "resolution), else preprocessor_config.json's"})
+    max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = as for min_pixels"})
     json: bool = field(default=False, metadata={"help": "print the result dict as JSON"})
 
 
@@ -74,6 +77,7 @@ class Bundle:
     kind: str = None
     vision_norm: float = None       # gap.json: mean norm of the training targets (informational)
     path: str = ""
+    pixels: tuple = (gapmodel.DEFAULT_MIN_PIXELS, gapmodel.DEFAULT_MAX_PIXELS, "defaults")  # prepare.resolve_pixels
 
     @property
     def device(self):
@@ -84,16 +88,18 @@ class Bundle:
         return self.model.lm_head.weight.dtype
 
 
-def load(model_dir, dtype=torch.float32, device="cpu"):
+def load(model_dir, dtype=torch.float32, device="cpu", min_pixels=-1, max_pixels=-1):
     """A train.py output folder (gap.json + latent_head/pca safetensors) or a plain HF checkpoint (modes raw and
-    zero only). Every inconsistency between gap.json, the tokenizer and the head files is an error naming the file."""
+    zero only). Every inconsistency between gap.json, the tokenizer and the head files is an error naming the file.
+    Image pixel limits: the arguments if > 0, else gap.json's, else preprocessor_config.json's (resolve_pixels)."""
     path = Path(model_dir)
     device = torch.device(device)
     m = gapmodel.load_pretrained(path, dtype=dtype, device=device)
     tok = prepare.load_tokenizer(path)
     ids = prepare.token_ids(tok)
     prepare.check_latent_ids(tok, m.cfg)
-    bundle = Bundle(model=m, tok=tok, ids=ids, path=str(path))
+    bundle = Bundle(model=m, tok=tok, ids=ids, path=str(path),
+                    pixels=prepare.resolve_pixels(path, min_pixels, max_pixels))
     gap_file = path / "gap.json"
     if not gap_file.exists():
         return bundle                            # plain checkpoint: no head, no basis, N from --latents
@@ -159,10 +165,17 @@ def encode_prompts(bundle, images, questions):
     merge = bundle.model.cfg.vision.spatial_merge_size
     out = []
     for img, q in zip(images, questions):
-        pixel_values, grid = gapmodel.preprocess_image(img)
+        pixel_values, grid = preprocess(bundle, img)
         n_image_tokens = int(grid.prod()) // merge ** 2
         out.append((prepare.prompt_ids(bundle.tok, q, n_image_tokens), pixel_values, grid))
     return out
+
+
+def preprocess(bundle, image):
+    """model.preprocess_image at the bundle's pixel limits and the model's patch/merge sizes."""
+    v = bundle.model.cfg.vision
+    return gapmodel.preprocess_image(image, bundle.pixels[0], bundle.pixels[1], v.patch_size, v.spatial_merge_size,
+                                     v.temporal_patch_size)
 
 
 def logit_bias(bundle, mode, device):
@@ -412,7 +425,8 @@ def main(argv=None):
     prepare.add_options(parser, SampleOptions)
     opts = SampleOptions(**vars(parser.parse_args(argv)))
     device = prepare.resolve_device(opts.device)
-    bundle = load(opts.model, prepare.resolve_dtype(opts.dtype, device), device)
+    bundle = load(opts.model, prepare.resolve_dtype(opts.dtype, device), device, opts.min_pixels, opts.max_pixels)
+    prepare.print_pixels(bundle.pixels)
     mode = opts.mode if opts.mode != "auto" else (bundle.kind or "zero")
     t0 = time.perf_counter()
     row = generate(bundle, [opts.image], [opts.question], mode=mode, max_new_tokens=opts.max_new_tokens,

@@ -105,6 +105,23 @@ def flat_config(nested):
     return flat
 
 
+def transformers_45x_config(nested):
+    """The layout transformers 4.53-4.57 write when they re-save a Qwen2.5-VL: the text keys both at the top level
+    and inside text_config, where the multimodal token ids are null ("image_token_id": null, ...), the real ids
+    only at the top level, `rope_scaling` with rope_type "default", a vision_config with both in_chans and
+    in_channels. Every fine-tune saved with those versions looks like this."""
+    flat = flat_config(nested)
+    flat["rope_scaling"] = {"mrope_section": flat["rope_scaling"]["mrope_section"], "rope_type": "default",
+                            "type": "default"}
+    text = {k: v for k, v in flat.items() if k not in ("vision_config", "tie_word_embeddings", "transformers_version")}
+    text.update(model_type="qwen2_5_vl_text", image_token_id=None, video_token_id=None, sliding_window=None,
+                layer_types=["full_attention"] * flat["num_hidden_layers"], dtype="float32")
+    out = dict(flat, text_config=text, transformers_version="4.56.1", dtype="float32")
+    out["vision_config"] = dict(flat["vision_config"], in_channels=flat["vision_config"]["in_chans"],
+                                model_type="qwen2_5_vl", initializer_range=0.02, dtype="float32")
+    return out
+
+
 def save_hf(model, path, flat=False, max_shard_size=None):
     """save_pretrained into `path` (safetensors; sharded when max_shard_size is given); optionally flatten config.json."""
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}

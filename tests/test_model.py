@@ -590,6 +590,29 @@ def test_load_unsupported_config(ckpts, tmp_path, name):
     assert "config.json" in msg and key in msg, msg
 
 
+def test_config_transformers_45x_layout(base, hf, tmp_path):
+    """A folder re-saved by transformers 4.53-4.57 has "image_token_id": null inside text_config: the ids must come
+    from the top level (else every image crashes in embed), and logits must match transformers."""
+    d = copy_ckpt(base, tmp_path)
+    path = os.path.join(d, "config.json")
+    json.dump(H.transformers_45x_config(json.load(open(path))), open(path, "w"))
+    raw = json.load(open(path))
+    assert raw["text_config"]["image_token_id"] is None and raw["image_token_id"] == H.IMG
+    m = qwen.load_pretrained(d, dtype=torch.float32)
+    assert (m.cfg.image_token_id, m.cfg.video_token_id) == (H.IMG, 656)
+    assert (m.cfg.vision_start_token_id, m.cfg.vision_end_token_id) == (H.VS, H.VE)
+    ids, pv, grid = case("two_images")
+    with torch.no_grad():
+        got = m(ids, pixel_values=pv, image_grid_thw=grid)
+    assert_close("logits", got, H.hf_logits(hf, ids, pv, grid), ATOL)
+    # null at both levels (or a non-integer) is an error naming the file and the key
+    edit_config(d, _set(["image_token_id"], None))
+    msg = load_error(d)
+    assert "config.json" in msg and "image_token_id" in msg, msg
+    edit_config(d, _set(["image_token_id"], "655"))
+    assert "image_token_id" in load_error(d)
+
+
 # ---- transformers' in-memory names ----
 
 def test_load_transformers_in_memory_names(base, ours, hf, tmp_path):

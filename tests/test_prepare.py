@@ -332,3 +332,25 @@ def test_score_cli_writes_accuracy_and_resumes(syn, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         prepare.main(["score", "--help"])
     assert e.value.code == 0 and "--samples" in capsys.readouterr().out
+
+
+def test_pixel_limits_from_preprocessor_config(syn, tmp_path, capsys):
+    """build reads min/max_pixels from the model folder's preprocessor_config.json (the hub's file), records them in
+    the manifest (train.py reads them back), prints them, and the command line overrides them."""
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(syn / "model", folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 784, "max_pixels": 56 * 56}))
+    data = tmp_path / "two.jsonl"
+    _write(data, [_good(syn, 0), _good(syn, 1)])
+    opts = prepare.BuildOptions(data=str(data), model=str(folder), out=str(tmp_path / "out"))
+    pad = prepare.token_ids(prepare.load_tokenizer(folder))["image_pad"]
+    n_pads = lambda: [r["input_ids"].count(pad) for r in _records(tmp_path / "out" / "records.jsonl")]
+    man = prepare.build(opts)
+    assert (man["image_min_pixels"], man["image_max_pixels"]) == (784, 56 * 56)
+    assert n_pads() == [4, 4]                       # every synthetic image (>= 112 px) capped at 56 x 56 = 4 tokens
+    assert "image pixels: min_pixels 784 max_pixels 3136" in capsys.readouterr().err
+    man = prepare.build(replace(opts, max_pixels=84 * 84))
+    assert man["image_max_pixels"] == 84 * 84 and n_pads() == [9, 9]
+    with pytest.raises(ValueError, match="min_pixels"):
+        prepare.build(replace(opts, min_pixels=10 ** 6))

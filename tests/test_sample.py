@@ -235,3 +235,35 @@ def test_cli_prints_compact_spans(root, tmp_path, capsys):
     sample.main(argv + ["--json", "--mode", "zero"])
     d = json.loads(capsys.readouterr().out)
     assert d["mode"] == "zero" and d["latent_spans"] == [] and {"text", "token_ids", "n_generated"} <= set(d)
+
+
+def test_pixel_limits_change_image_tokens(root, tmp_path, capsys):
+    """The smart_resize limits come from the command line, else gap.json (trained resolution), else
+    preprocessor_config.json (both spellings), else transformers' defaults; they change the image token count."""
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_folder(root, "pca"), folder)
+    img = image(224, 224, 3)                                   # 50176 px: 64 image tokens at the defaults
+
+    def n_image_tokens(b):
+        ids = sample.encode_prompts(b, [img], [Q_A])[0][0]
+        return ids.count(b.ids["image_pad"])
+
+    b = sample.load(folder)
+    assert b.pixels[2] == "defaults" and n_image_tokens(b) == 64
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 3136,
+                                                                          "longest_edge": 112 * 112}}))
+    assert n_image_tokens(sample.load(folder)) == 16           # 112 x 112 = 16 tokens of 28 x 28
+    (folder / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 168 * 168,
+                                                                 "size": {"shortest_edge": 1, "longest_edge": 2}}))
+    assert n_image_tokens(sample.load(folder)) == 36           # min/max_pixels win over size, like transformers
+    gap = json.loads((folder / "gap.json").read_text())
+    (folder / "gap.json").write_text(json.dumps({**gap, "image_min_pixels": 3136, "image_max_pixels": 56 * 56}))
+    b = sample.load(folder)
+    assert b.pixels[2].endswith("gap.json") and n_image_tokens(b) == 4      # the trained resolution wins
+    b = sample.load(folder, max_pixels=140 * 140)
+    assert b.pixels[:2] == (3136, 140 * 140) and n_image_tokens(b) == 25    # the command line wins
+    img.save(tmp_path / "q.png")
+    sample.main(["--model", str(folder), "--image", str(tmp_path / "q.png"), "--question", Q_A,
+                 "--max-new-tokens", "2", "--mode", "zero", "--min-pixels", "784", "--max-pixels", "784"])
+    assert "image pixels: min_pixels 784 max_pixels 784 (command line)" in capsys.readouterr().err
