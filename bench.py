@@ -17,7 +17,6 @@ every other round), torch.cuda.synchronize around every clock read, the median r
   latent    ours only: v = PCAHead(h) fed back as the next input embedding (no lm_head), per step
 """
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -39,20 +38,23 @@ class Options:
     device: str = field(default="cpu", metadata={"help": "cpu or cuda", "choices": ["cpu", "cuda"]})
     dtype: str = field(default="auto", metadata={"help": "auto = bfloat16 on cuda, float32 on cpu",
                                                  "choices": ["auto", "float32", "bfloat16"]})
-    prompt_len: int = field(default=64, metadata={"help": "text tokens around the image"})
-    image_size: int = field(default=448, metadata={"help": "side of the random square image (448 -> 256 tokens)"})
-    decode_steps: int = field(default=32, metadata={"help": "new tokens per greedy run (>= 2)"})
-    iters: int = field(default=5, metadata={"help": "timed repetitions; the median is reported"})
+    prompt_len: int = field(default=64, metadata={"min": 1, "help": "text tokens around the image"})
+    image_size: int = field(default=448,
+                            metadata={"min": 28, "help": "side of the random square image (448 -> 256 tokens)"})
+    decode_steps: int = field(default=32, metadata={"min": 2, "help": "new tokens per greedy run (>= 2)"})
+    iters: int = field(default=5, metadata={"min": 1, "help": "timed repetitions; the median is reported"})
     hf: bool = field(default=True, metadata={"help": "also run transformers (--no-hf: ours only)"})
     compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd decode step"})
-    hbm_gbs: float = field(default=0.0, metadata={"help": "peak memory bandwidth in GB/s (auto for H100 SXM/H200)"})
+    hbm_gbs: float = field(default=0.0,
+                           metadata={"min": 0, "help": "peak memory bandwidth in GB/s (auto for H100 SXM/H200)"})
     seed: int = field(default=0, metadata={"help": "weights, image and prompt seed"})
-    threads: int = field(default=0, metadata={"help": "CPU threads (0 = torch's default); 1 on a shared machine"})
+    threads: int = field(default=0,
+                         metadata={"min": 0, "help": "CPU threads (0 = torch's default); 1 on a shared machine"})
     cpu_time: bool = field(default=False, metadata={"help": "time by process CPU time (needs --threads 1)"})
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Prefill / decode / latent-step speed, ours vs transformers.")
+    p = prepare.Parser(description="Prefill / decode / latent-step speed, ours vs transformers.")
     prepare.add_options(p, Options)   # the one option generator every gap script uses
     return Options(**vars(p.parse_args(argv)))
 
@@ -219,12 +221,13 @@ def hf_generate(hf, ids, pv, grid, n, cfg, clk):
 
 @torch.no_grad()
 def main(opts: Options):
+    prepare.check_options(opts)
     if opts.config in ("3b", "7b") and opts.device != "cuda":
-        raise SystemExit(f"--config {opts.config} needs --device cuda (a {opts.config} decode on CPU says nothing)")
-    if opts.decode_steps < 2:
-        raise SystemExit(f"--decode-steps must be >= 2, found {opts.decode_steps}")
+        raise prepare.DataError(f"--config: expected --device cuda with {opts.config} (a {opts.config} decode on CPU "
+                                f"says nothing), found --device {opts.device}")
     if opts.cpu_time and (opts.device == "cuda" or opts.threads != 1):
-        raise SystemExit("--cpu-time measures one CPU thread: use it with --device cpu --threads 1")
+        raise prepare.DataError("--cpu-time: expected --device cpu --threads 1 (it measures one CPU thread), found "
+                                f"--device {opts.device} --threads {opts.threads}")
     device = torch.device(opts.device)
     if opts.threads:
         # on a shared 2-core box, 2 OpenMP threads stall whenever a neighbour holds one core (a 4x1x16 @ 4x16x338
@@ -355,4 +358,4 @@ def main(opts: Options):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    prepare.run_main(lambda argv: main(parse_args(argv)))

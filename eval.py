@@ -10,7 +10,6 @@ options, answer, category).
 Outputs under --out: predictions-<mode>-<latents>.jsonl per run, results.json (both tables), norms.json/norms.png.
 score_file() is the difficulty scorer behind `prepare.py score` (N samples of the base model per record).
 """
-import argparse
 import base64
 import csv
 import io
@@ -45,13 +44,13 @@ class EvalOptions:
     latents: str = field(default="", metadata={"help": "comma list of N for the budget sweep (0 = zero mode); "
                                                        "empty = no sweep"})
     sweep_mode: str = field(default="auto", metadata={"help": "feedback mode of the sweep; auto = the folder's head"})
-    limit: int = field(default=0, metadata={"help": "first N records only (0 = all)"})
-    batch_size: int = field(default=1, metadata={"help": "rows per generate call; a sample's latency is its "
+    limit: int = field(default=0, metadata={"min": 0, "help": "first N records only (0 = all)"})
+    batch_size: int = field(default=1, metadata={"min": 1, "help": "rows per generate call; a sample's latency is its "
                                                           "batch's wall time (what its caller waits)"})
     out: str = field(default="out/eval", metadata={"help": "output folder"})
-    max_new_tokens: int = field(default=256, metadata={"help": "positions generated, latents included"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    max_new_tokens: int = field(default=256, metadata={"min": 1, "help": "positions generated, latents included"})
+    temperature: float = field(default=0.0, metadata={"min": 0, "help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"above": 0, "max": 1, "help": "nucleus sampling mass"})
     ema_norm: bool = field(default=False, metadata={"help": "EMA norm calibration of every fed-back latent"})
     seed: int = field(default=0, metadata={"help": "sampling / noise seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
@@ -65,7 +64,7 @@ class EvalOptions:
 class NormsOptions:
     model: str = field(metadata={"help": "train.py output folder or a plain HF checkpoint"})
     data: str = field(metadata={"help": "JSONL or VLMEvalKit TSV"})
-    limit: int = field(default=16, metadata={"help": "records to profile"})
+    limit: int = field(default=16, metadata={"min": 0, "help": "records to profile"})
     out: str = field(default="out/norms", metadata={"help": "output folder (norms.json, norms.png)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda ..."})
     dtype: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
@@ -311,6 +310,7 @@ def parse_list(s, cast, what):
 
 def evaluate(opts, bundle=None):
     """The intervention table (modes at the folder's N) and the budget sweep (N at the sweep mode). -> results."""
+    prepare.check_options(opts)
     device = prepare.resolve_device(opts.device)
     bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device, opts.min_pixels,
                                    opts.max_pixels)
@@ -456,6 +456,7 @@ def plot_norms(prof, path):
 
 
 def norms_main(opts, bundle=None):
+    prepare.check_options(opts)
     device = prepare.resolve_device(opts.device)
     bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device, opts.min_pixels,
                                    opts.max_pixels)
@@ -543,17 +544,17 @@ def summary(folders):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["summary"]:
-        parser = argparse.ArgumentParser(prog="eval.py summary", description="accuracy mean +- std over seeds")
+        parser = prepare.Parser(prog="eval.py summary", description="accuracy mean +- std over seeds")
         parser.add_argument("folders", nargs="+", help="eval output folders named <group>-<seed>")
         return summary(parser.parse_args(argv[1:]).folders)
     if argv[:1] == ["norms"]:
-        parser = argparse.ArgumentParser(prog="eval.py norms", description="layer-wise norm profile (Fig. 2)")
+        parser = prepare.Parser(prog="eval.py norms", description="layer-wise norm profile (Fig. 2)")
         prepare.add_options(parser, NormsOptions)
         return norms_main(NormsOptions(**vars(parser.parse_args(argv[1:]))))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = prepare.Parser(description=__doc__)
     prepare.add_options(parser, EvalOptions)
     return evaluate(EvalOptions(**vars(parser.parse_args(argv))))
 
 
 if __name__ == "__main__":
-    main()
+    prepare.run_main(main)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model import DataError   # a bad file is the user's input: one line, not a traceback
+
 # ---- PCA basis -------------------------------------------------------------------------------------------------------
 
 
@@ -82,14 +84,14 @@ class PCABasis(nn.Module):
     def load(cls, path, device="cpu"):
         t, meta = _read(path, "gap-pca")
         if set(t) != {"P_k", "mu", "eigenvalues"}:
-            raise ValueError(f"{path}: expected tensors P_k, mu, eigenvalues; found {sorted(t)}")
+            raise DataError(f"{path}: expected tensors P_k, mu, eigenvalues; found {sorted(t)}")
         try:
             k, d = int(meta["k"]), int(meta["d"])
             if t["P_k"].shape != (d, k):
                 raise ValueError(f"P_k should be (d={d}, k={k}) per the metadata, found {tuple(t['P_k'].shape)}")
             basis = cls(t["P_k"], t["mu"], t["eigenvalues"], float(meta.get("threshold", "nan")))
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{path}: bad PCA basis (metadata {meta}): {e}") from None
+            raise DataError(f"{path}: bad PCA basis (metadata {meta}): {e}") from None
         return basis.to(device)
 
 
@@ -359,7 +361,7 @@ def load_head(path, basis=None, kind=None, device="cpu"):
     t, meta = _read(path, "gap-latent-head")
     file_kind = meta.get("kind")
     if file_kind not in KINDS or (kind is not None and file_kind != kind):
-        raise ValueError(f"{path}: latent head kind {file_kind!r}, expected {kind or ' or '.join(KINDS)}")
+        raise DataError(f"{path}: latent head kind {file_kind!r}, expected {kind or ' or '.join(KINDS)}")
     try:
         d_model, hidden = int(meta.get("d_model", 0)), int(meta.get("hidden", 0)) or None
         if file_kind == "pca":
@@ -373,11 +375,11 @@ def load_head(path, basis=None, kind=None, device="cpu"):
             head = RawFeedback()
         head.load_state_dict(t, strict=True)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot load a {file_kind!r} latent head from metadata {meta}: {e}") from None
+        raise DataError(f"{path}: cannot load a {file_kind!r} latent head from metadata {meta}: {e}") from None
     if file_kind == "pca" and basis is not None:
         same = basis.P_k.shape == head.P_k.shape and torch.allclose(basis.P_k.cpu(), head.P_k, atol=1e-6)
         if not (same and torch.allclose(basis.mu.cpu(), head.mu, atol=1e-6)):
-            raise ValueError(f"{path}: the head's P_k {tuple(head.P_k.shape)} / mu do not match the given basis "
+            raise DataError(f"{path}: the head's P_k {tuple(head.P_k.shape)} / mu do not match the given basis "
                              f"P_k {tuple(basis.P_k.shape)}: trained against a different pca.safetensors?")
     return head.to(device)
 
@@ -398,7 +400,7 @@ def _read(path, fmt):
             meta = f.metadata() or {}
             t = {n: f.get_tensor(n) for n in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated or non-safetensors files
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise DataError(f"{path}: not a readable safetensors file ({e})") from None
     if meta.get("format") != fmt:
-        raise ValueError(f"{path}: metadata format {meta.get('format')!r}, expected {fmt!r}")
+        raise DataError(f"{path}: metadata format {meta.get('format')!r}, expected {fmt!r}")
     return t, meta

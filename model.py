@@ -21,6 +21,7 @@ Architecture facts and their traps are in shared/QWEN25VL.md (section numbers be
 Only torch, safetensors, numpy and PIL are imported: transformers is a test oracle, never a dependency.
 """
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -31,8 +32,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- errors ----
+
+
+class DataError(ValueError):
+    """An expected failure caused by an input (a file, a record, an option), not by a bug in gap. The message says
+    where and what: "<file>[ line N][ (id X)]: <field>: <what was expected, what was found>". Every script prints it
+    as one line on stderr and exits 1 (prepare.run_main); anything else is a bug and keeps its traceback."""
+
+
+def data_error(file, field, reason, line=None, rid=None):
+    """-> a DataError with the message laid out as above (line and id when the input has them)."""
+    at = (f" line {line}" if line is not None else "") + (f" (id {rid})" if rid is not None else "")
+    return DataError(f"{file}{at}: {field}: {reason}")
+
+
+@contextlib.contextmanager
+def open_safetensors(path, device="cpu"):
+    """safe_open that names the file when it is truncated or not safetensors at all (safetensors' own error says
+    only "Error while deserializing header")."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            yield f
+    except SafetensorError as e:
+        raise data_error(path, "file", f"expected a safetensors file, found an unreadable one ({e})") from None
 
 # ---------------------------------------------------------------------------------------------------------------
 # ---- configs ----
@@ -92,7 +119,7 @@ class Config:
         try:
             d = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read config: {e}") from None
+            raise DataError(f"{path}: cannot read config: {e}") from None
         return cls.from_dict(d, source=str(path))
 
     @classmethod
@@ -116,10 +143,11 @@ class Config:
         tie = {"tie_word_embeddings": bool(text["tie_word_embeddings"])} if "tie_word_embeddings" in text else {}
         cfg = cls(text=t, vision=v, **ids, **tie)
         if v.out_hidden_size != t.hidden_size:
-            raise ValueError(f"{source}: vision_config.out_hidden_size {v.out_hidden_size} != hidden_size "
+            raise DataError(f"{source}: vision_config.out_hidden_size {v.out_hidden_size} != hidden_size "
                              f"{t.hidden_size}: the merger must output text-width embeddings")
         if sum(t.mrope_section) * 2 != t.head_dim:
-            raise ValueError(f"{source}: mrope_section {list(t.mrope_section)} must sum to head_dim/2 = {t.head_dim // 2}")
+            raise DataError(f"{source}: mrope_section {list(t.mrope_section)} must sum to head_dim/2 = "
+                            f"{t.head_dim // 2}")
         return cfg
 
     def to_dict(self):
@@ -150,7 +178,7 @@ def _read_keys(cls, d, ignored, where, check):
     known = {f.name for f in fields(cls)}
     unknown = sorted(k for k in d if k not in known and k not in ignored)
     if unknown:
-        raise ValueError(f"{where}: unsupported key(s) {unknown}; gap does not know what they do to the math")
+        raise DataError(f"{where}: unsupported key(s) {unknown}; gap does not know what they do to the math")
     kw = {k: d[k] for k in known if k in d}
     check(d, kw, where)
     for k in ("mrope_section", "fullatt_block_indexes"):
@@ -161,36 +189,36 @@ def _read_keys(cls, d, ignored, where, check):
 
 def _check_text(d, kw, where):
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        raise DataError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
     if d.get("use_sliding_window"):
-        raise ValueError(f"{where}: use_sliding_window=true is not supported (Qwen2.5-VL uses full attention)")
+        raise DataError(f"{where}: use_sliding_window=true is not supported (Qwen2.5-VL uses full attention)")
     if any(x != "full_attention" for x in d.get("layer_types") or []):
-        raise ValueError(f"{where}: layer_types {set(d['layer_types'])} is not supported (only full_attention)")
+        raise DataError(f"{where}: layer_types {set(d['layer_types'])} is not supported (only full_attention)")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "mrope"):
-        raise ValueError(f"{where}: rope type {kind!r} is not supported (only mrope)")
+        raise DataError(f"{where}: rope type {kind!r} is not supported (only mrope)")
     if "mrope_section" in rope:
         kw["mrope_section"] = rope["mrope_section"]
     if "rope_theta" in rope:
         kw["rope_theta"] = rope["rope_theta"]
     if rope.get("factor", 1.0) != 1.0:
-        raise ValueError(f"{where}: rope scaling factor {rope['factor']} is not supported")
+        raise DataError(f"{where}: rope scaling factor {rope['factor']} is not supported")
     if "head_dim" in d and d["head_dim"] != d.get("hidden_size", TextConfig.hidden_size) // d.get(
             "num_attention_heads", TextConfig.num_attention_heads):
-        raise ValueError(f"{where}: head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
+        raise DataError(f"{where}: head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
 
 
 def _check_vision(d, kw, where):
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        raise DataError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
     if "in_chans" in d and "in_channels" not in d:
         kw["in_channels"] = d["in_chans"]
     if d.get("spatial_patch_size", d.get("patch_size", 14)) != d.get("patch_size", 14):
-        raise ValueError(f"{where}: spatial_patch_size != patch_size is not supported")
+        raise DataError(f"{where}: spatial_patch_size != patch_size is not supported")
     rope = d.get("rope_parameters") or {}
     if rope.get("rope_theta", 10000.0) != 10000.0 or rope.get("rope_type", "axial") not in ("axial", "default"):
-        raise ValueError(f"{where}: vision rope_parameters {rope} are not supported (2D rotary, theta 10000)")
+        raise DataError(f"{where}: vision rope_parameters {rope} are not supported (2D rotary, theta 10000)")
 
 
 def _tiny():
@@ -783,9 +811,9 @@ def read_pixel_limits(folder):
 def smart_resize(height, width, factor=28, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS):
     """§5.1: multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect ratio kept."""
     if min(height, width) <= 0:
-        raise ValueError(f"image has zero size ({height}x{width})")
+        raise DataError(f"image has zero size ({height}x{width})")
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.1f} is over 200 "
+        raise DataError(f"image aspect ratio {max(height, width) / min(height, width):.1f} is over 200 "
                          f"({height}x{width})")
     h, w = round(height / factor) * factor, round(width / factor) * factor   # Python round: banker's on .5
     if h * w > max_pixels:
@@ -803,13 +831,13 @@ def load_image(path):
     try:
         img = Image.open(path)
         if img.width * img.height > MAX_DECODE_PIXELS:
-            raise ValueError(f"{path}: {img.width}x{img.height} is over the {MAX_DECODE_PIXELS} pixel cap")
+            raise DataError(f"{path}: {img.width}x{img.height} is over the {MAX_DECODE_PIXELS} pixel cap")
         img.load()
         return img
-    except ValueError:
+    except DataError:
         raise
     except Exception as e:   # PIL raises many types for broken files (UnidentifiedImageError, OSError, SyntaxError)
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def preprocess_image(image, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS, patch_size=14, merge_size=2,
@@ -819,7 +847,7 @@ def preprocess_image(image, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MA
         image = load_image(image)
     W, H = image.size
     if W * H > MAX_DECODE_PIXELS:
-        raise ValueError(f"image {W}x{H} is over the {MAX_DECODE_PIXELS} pixel cap")
+        raise DataError(f"image {W}x{H} is over the {MAX_DECODE_PIXELS} pixel cap")
     h, w = smart_resize(H, W, patch_size * merge_size, min_pixels, max_pixels)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         # transparency is composited onto white, like transformers' convert_to_rgb
@@ -857,12 +885,12 @@ def _checkpoint_files(path):
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
-            raise FileNotFoundError(f"{index} names shard file(s) that do not exist: {missing}")
+            raise DataError(f"{index} names shard file(s) that do not exist: {missing}")
         return [path / f for f in files]
     # only model*.safetensors: a GAP output folder also holds latent_head.safetensors and pca.safetensors
     files = [path / "model.safetensors"] if (path / "model.safetensors").exists() else sorted(path.glob("model*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or model-*.safetensors")
+        raise DataError(f"{path}: no model.safetensors, model.safetensors.index.json or model-*.safetensors")
     return files
 
 
@@ -875,7 +903,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
         m = Qwen25VL(cfg)
     state, origin = {}, {}
     for f in _checkpoint_files(path):
-        with safe_open(f, framework="pt", device=str(device)) as sf:
+        with open_safetensors(f, device) as sf:
             for k in sf.keys():
                 name = _hub_name(k)
                 state[name] = sf.get_tensor(k).to(dtype)
@@ -891,7 +919,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
         lines = [f"{path}: checkpoint does not match the config"]
         lines += [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in unexpected]
         lines += [f"  shape mismatch: {s}" for s in mismatched]
-        raise ValueError("\n".join(lines))
+        raise DataError("\n".join(lines))
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     m.load_state_dict(state, strict=True, assign=True)

@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 import latent_head
 import model
+from model import DataError, data_error
 
-# ---- options (argparse is generated from these dataclasses, STYLE 7) ----
+# ---- options (argparse is generated from these dataclasses; bounds in the metadata) ----
 
 
 @dataclass
@@ -41,14 +42,15 @@ class BuildOptions:
     data: str = field(metadata={"help": "input JSONL, one record per line, paths relative to the file"})
     model: str = field(metadata={"help": "checkpoint folder (config.json, *.safetensors, tokenizer.json)"})
     out: str = field(metadata={"help": "output folder (records.jsonl, targets-*.safetensors, pca, manifest)"})
-    latents: int = field(default=36, metadata={"help": "N latents per span, a perfect square (6x6 = 36)"})
-    pca_variance: float = field(default=0.95, metadata={"help": "explained variance that picks k (Eq. 7)"})
+    latents: int = field(default=36, metadata={"min": 1, "help": "N latents per span, a perfect square (6x6 = 36)"})
+    pca_variance: float = field(default=0.95,
+                                metadata={"above": 0, "max": 1, "help": "explained variance that picks k (Eq. 7)"})
     skip_bad: bool = field(default=False, metadata={"help": "skip bad records (listed in manifest and stderr)"})
-    batch_size: int = field(default=32, metadata={"help": "auxiliary images per ViT call"})
-    shard_size: int = field(default=1024, metadata={"help": "records per targets shard (the unit of resume)"})
+    batch_size: int = field(default=32, metadata={"min": 1, "help": "auxiliary images per ViT call"})
+    shard_size: int = field(default=1024, metadata={"min": 1, "help": "records per targets shard (the unit of resume)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "ViT dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
-    workers: int = field(default=4, metadata={"help": "threads decoding images"})
+    workers: int = field(default=4, metadata={"min": 1, "help": "threads decoding images"})
     min_pixels: int = field(default=-1, metadata={"help": "question image: smart_resize min_pixels; -1 = the "
                                                           "model folder's preprocessor_config.json"})
     max_pixels: int = field(default=-1, metadata={"help": "question image: smart_resize max_pixels; -1 = the "
@@ -58,10 +60,11 @@ class BuildOptions:
 @dataclass
 class SyntheticOptions:
     out: str = field(metadata={"help": "output folder: raw/, model/, prepared/"})
-    n: int = field(default=600, metadata={"help": "examples in total (train + test)"})
+    n: int = field(default=600, metadata={"min": 2, "help": "examples in total (train + test)"})
     seed: int = field(default=12345, metadata={"help": "everything (images, split, weights) follows from it"})
-    test_frac: float = field(default=0.2, metadata={"help": "fraction of examples in raw/test.jsonl"})
-    latents: int = field(default=36, metadata={"help": "N latents per span for the build step"})
+    test_frac: float = field(default=0.2,
+                             metadata={"min": 0, "max": 1, "help": "fraction of examples in raw/test.jsonl"})
+    latents: int = field(default=36, metadata={"min": 1, "help": "N latents per span for the build step"})
     device: str = field(default="auto", metadata={"help": "device for the build step"})
 
 
@@ -70,9 +73,9 @@ class ScoreOptions:
     data: str = field(metadata={"help": "input JSONL (id, image, question, answer)"})
     model: str = field(metadata={"help": "the base model's checkpoint folder"})
     out: str = field(default=None, metadata={"help": "scored copy (default: DATA.scored.jsonl); resumable"})
-    samples: int = field(default=8, metadata={"help": "samples per record"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    max_new_tokens: int = field(default=256, metadata={"help": "token limit per sample"})
+    samples: int = field(default=8, metadata={"min": 1, "help": "samples per record"})
+    temperature: float = field(default=1.0, metadata={"min": 0, "help": "sampling temperature"})
+    max_new_tokens: int = field(default=256, metadata={"min": 1, "help": "token limit per sample"})
     seed: int = field(default=0, metadata={"help": "sampling seed (per record: seed + line)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = the model folder's"})
@@ -80,7 +83,13 @@ class ScoreOptions:
 
 
 def resolve_device(name):
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise DataError(f"--device: expected auto, cpu, cuda or cuda:N, found {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device: expected a device this machine has, found {name!r} (torch sees no CUDA GPU)")
+    return device
 
 
 def resolve_dtype(name, device):
@@ -88,7 +97,7 @@ def resolve_dtype(name, device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in table:
-        raise ValueError(f"--dtype {name!r}: expected auto, bf16, fp16 or fp32")
+        raise DataError(f"--dtype: expected auto, bf16, fp16 or fp32, found {name!r}")
     return table[name]
 
 
@@ -108,7 +117,7 @@ def resolve_pixels(model_dir, min_pixels=-1, max_pixels=-1):
         lo, hi = (min_pixels if min_pixels > 0 else lo), (max_pixels if max_pixels > 0 else hi)
         where = "command line" if min_pixels > 0 and max_pixels > 0 else f"command line and {where}"
     if not 0 < lo <= hi:
-        raise ValueError(f"pixel limits: expected 0 < min_pixels <= max_pixels, found {lo} and {hi} ({where})")
+        raise DataError(f"pixel limits: expected 0 < min_pixels <= max_pixels, found {lo} and {hi} ({where})")
     return lo, hi, where
 
 
@@ -118,16 +127,88 @@ def print_pixels(limits):
           file=sys.stderr)
 
 
+# ---- options and errors: what every gap script shares ----
+# Options are dataclasses; argparse is generated from their fields, and a field's metadata may bound its value
+# (min / max inclusive, above exclusive), checked when the command line is parsed and again by check_options for
+# library callers. An expected failure is a DataError (model.py) or an OSError (missing or unwritable file): run_main
+# ends it with one line on stderr; every other exception is a bug and keeps its traceback.
+
+
+def option_problem(f, v):
+    """-> what is wrong with value v of the int/float option field f ("expected ..., found ..."), or None."""
+    m, kind = f.metadata, "an integer" if f.type is int else "a number"
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"expected a finite number, found {v}"
+    if ("min" in m and v < m["min"]) or ("max" in m and v > m["max"]) or ("above" in m and v <= m["above"]):
+        want = [f"> {m['above']}"] if "above" in m else [f">= {m['min']}"] if "min" in m else []
+        want += [f"<= {m['max']}"] if "max" in m else []
+        return f"expected {kind} {' and '.join(want)}, found {v}"
+    return None
+
+
+def _option_type(f):
+    def parse(s):
+        try:
+            v = f.type(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if f.type is int else 'a number'}, "
+                                             f"found {s!r}") from None
+        problem = option_problem(f, v)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return v
+    return parse
+
+
 def add_options(parser, cls):
     for f in fields(cls):
         flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        type_ = _option_type(f) if f.type in (int, float) else f.type
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif f.default is MISSING:
-            parser.add_argument(flag, type=f.type, required=True, help=help_)
+            parser.add_argument(flag, type=type_, required=True, help=help_)
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=f"{help_} (default {f.default})",
+            parser.add_argument(flag, type=type_, default=f.default, help=f"{help_} (default {f.default})",
                                 choices=f.metadata.get("choices"))
+
+
+def check_options(opts):
+    """The parse-time bounds, for options built in code (train.main(TrainConfig(...)) skips argparse)."""
+    for f in fields(opts):
+        problem = option_problem(f, getattr(opts, f.name)) if f.type in (int, float) else None
+        if problem:
+            raise DataError(f"--{f.name.replace('_', '-')}: {problem}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line, "error: <prog>: --flag: <expected, found>" (exit 2), instead
+    of the usage block; --help also lists --debug, which run_main handles."""
+
+    def __init__(self, *a, **k):
+        k.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*a, **k)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="print the traceback of an expected error too")
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message.removeprefix('argument ')}\n")
+
+
+def run_main(main, argv=None):
+    """Every script's door: main(argv); a DataError or OSError ends in one line on stderr and exit code 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except (DataError, OSError) as e:
+        if debug:
+            raise
+        for bar in list(getattr(tqdm, "_instances", ())):   # end an open progress bar's line before ours
+            bar.close()
+        where = isinstance(e, OSError) and e.filename is not None and e.strerror
+        print(f"error: {f'{e.filename}: {e.strerror}' if where else e}", file=sys.stderr)
+        sys.exit(1)
 
 
 # ---- tokenizer and chat template (QWEN25VL.md §1.2, §6) ----
@@ -222,10 +303,6 @@ def build_example(tok, question, response, n_image_tokens, n_latents):
 
 
 # ---- record validation ----
-
-
-class DataError(ValueError):
-    """A bad input record: the message names file, line, id and field."""
 
 
 class BadRecord(Exception):
@@ -419,6 +496,7 @@ def _atomic_text(path, text):
 
 def build(opts):
     """Validate, tokenize, compute targets, fit the PCA, write the prepared folder. Returns the manifest."""
+    check_options(opts)
     g = math.isqrt(max(opts.latents, 0))
     if opts.latents < 1 or g * g != opts.latents:
         raise DataError(f"--latents {opts.latents}: expected a perfect square (N = g*g latents from a g x g grid "
@@ -511,6 +589,7 @@ def build(opts):
 
 
 def score(opts):
+    check_options(opts)
     import eval as evaluation   # lazy: eval.py imports this file for the tokenizer and template
     out = evaluation.score_file(opts.model, opts.data, samples=opts.samples, out_file=opts.out,
                                 temperature=opts.temperature, max_new_tokens=opts.max_new_tokens, seed=opts.seed,
@@ -700,6 +779,7 @@ def make_tiny_model(tok, seed):
 
 
 def synthetic(opts):
+    check_options(opts)
     out = Path(opts.out)
     raw = out / "raw"
     for sub in ("images", "aux"):
@@ -730,7 +810,7 @@ def synthetic(opts):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, cls, fn, help_ in (
             ("build", BuildOptions, build, "validate a JSONL dataset, tokenize, compute latent targets, fit PCA"),
@@ -740,12 +820,8 @@ def main(argv=None):
         add_options(sp, cls)
         sp.set_defaults(cls=cls, fn=fn)
     args = parser.parse_args(argv)
-    opts = args.cls(**{f.name: getattr(args, f.name) for f in fields(args.cls)})
-    try:
-        args.fn(opts)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    return args.fn(args.cls(**{f.name: getattr(args, f.name) for f in fields(args.cls)}))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,7 +17,6 @@ Latents sit at ordinary sequential text positions (DESIGN "Latent loop"). Feedba
 
 Library use: bundle = sample.load(DIR); rows = sample.generate(bundle, [img], ["question"], mode="pca").
 """
-import argparse
 import json
 import sys
 import time
@@ -47,10 +46,10 @@ class SampleOptions:
     mode: str = field(default="auto", metadata={"help": "pca | full | raw | zero | noise; auto = the folder's head "
                                                         "(gap.json), zero for a plain checkpoint"})
     ema_norm: bool = field(default=False, metadata={"help": "rescale latents to the query image's mean vision norm"})
-    latents: int = field(default=-1, metadata={"help": "N latents per span; -1 = gap.json's (36 without it)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "positions generated, latents included"})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    latents: int = field(default=-1, metadata={"min": -1, "help": "N latents per span; -1 = gap.json's (36 without it)"})
+    max_new_tokens: int = field(default=256, metadata={"min": 1, "help": "positions generated, latents included"})
+    temperature: float = field(default=0.0, metadata={"min": 0, "help": "0 = greedy"})
+    top_p: float = field(default=1.0, metadata={"above": 0, "max": 1, "help": "nucleus sampling mass"})
     seed: int = field(default=0, metadata={"help": "sampling and noise-latent seed"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
@@ -420,8 +419,7 @@ def render(row, compact=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = prepare.Parser(description=__doc__.split("\n\n")[0])
     prepare.add_options(parser, SampleOptions)
     opts = SampleOptions(**vars(parser.parse_args(argv)))
     device = prepare.resolve_device(opts.device)
@@ -443,4 +441,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    prepare.run_main(main)

@@ -16,7 +16,6 @@ count (tokens, latents) over the whole optimizer step and all ranks. Records who
 their latent spans at load time (plain text supervision), so one prepared folder serves any tau.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -50,41 +49,45 @@ class TrainConfig:
                      metadata={"help": "final checkpoint folder (+ checkpoints/ and metrics.jsonl inside)"})
     latent_head: str = field(default="pca",
                              metadata={"help": "pca (GAP) | full (d->d ablation) | raw (output-as-input baseline)"})
-    lambda_latent: float = field(default=1.0, metadata={"help": "weight of L_latent (Eq. 2)"})
+    lambda_latent: float = field(default=1.0, metadata={"min": 0, "help": "weight of L_latent (Eq. 2)"})
     latent_loss: str = field(default="mean", metadata={
         "help": "squared error of one latent: mean over its d dims (lambda 1.0 safe at any d) | sum (Eq. 2 as "
                 "written: ~d x larger)", "choices": lh.LATENT_LOSS_OVER_D})
     tau: float = field(default=0.0, metadata={"help": "keep latent spans only for records with accuracy <= tau"})
     scheduled_sampling: float = field(default=0.0,
-                                      metadata={"help": "probability of feeding the model's own detached latent (2nd pass)"})
+                                      metadata={"min": 0, "max": 1,
+                                                "help": "probability of feeding the model's own detached latent (2nd pass)"})
     repa_layer: int = field(default=-1,
-                            metadata={"help": "VaLR: align this layer's state at latent positions (-1: off)"})
-    repa_weight: float = field(default=0.0, metadata={"help": "VaLR: weight of the -cos loss"})
-    lr: float = field(default=1e-5, metadata={"help": "backbone learning rate"})
-    head_lr: float = field(default=1e-5, metadata={"help": "latent head (and VaLR projector) learning rate"})
-    weight_decay: float = field(default=0.01, metadata={"help": "on matrices only"})
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    epochs: int = 2
+                            metadata={"min": -1, "help": "VaLR: align this layer's state at latent positions (-1: off)"})
+    repa_weight: float = field(default=0.0, metadata={"min": 0, "help": "VaLR: weight of the -cos loss"})
+    lr: float = field(default=1e-5, metadata={"min": 0, "help": "backbone learning rate"})
+    head_lr: float = field(default=1e-5, metadata={"min": 0, "help": "latent head (and VaLR projector) learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"min": 0, "help": "on matrices only"})
+    warmup_ratio: float = field(default=0.03,
+                                metadata={"min": 0, "max": 1, "help": "fraction of the steps with linear warmup"})
+    grad_clip: float = field(default=1.0, metadata={"above": 0, "help": "max global gradient norm"})
+    epochs: int = field(default=2, metadata={"min": 1, "help": "passes over the records"})
     global_batch: int = field(default=128,
-                              metadata={"help": "examples per optimizer step, over all ranks and accumulation steps"})
-    micro_batch: int = field(default=1, metadata={"help": "examples per forward"})
+                              metadata={"min": 1,
+                                        "help": "examples per optimizer step, over all ranks and accumulation steps"})
+    micro_batch: int = field(default=1, metadata={"min": 1, "help": "examples per forward"})
     train_vision: bool = field(default=False, metadata={"help": "the ViT + merger stay frozen unless set"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block"})
     fsdp: bool = field(default=False,
                        metadata={"help": "FSDP2: shard params/grads/optimizer per decoder block (7B on 80 GB)"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in backward"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    save_every: int = field(default=0, metadata={"min": 0, "help": "checkpoint every N steps (0: only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoints/last exactly"})
     stop_after: int = field(default=0,
-                            metadata={"help": "stop after this many steps (simulates an interruption; 0: run all)"})
+                            metadata={"min": 0,
+                                      "help": "stop after this many steps (simulates an interruption; 0: run all)"})
     seed: int = 12345
-    log_every: int = 1
+    log_every: int = field(default=1, metadata={"min": 1, "help": "print a log line every N steps"})
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = prepare.Parser(description=__doc__)
     prepare.add_options(p, TrainConfig)   # one flag per field (the same generator as every gap script)
     return TrainConfig(**vars(p.parse_args(argv)))
 
@@ -389,6 +392,7 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16
 
 
 def main(cfg):
+    prepare.check_options(cfg)
     rank, world, device = dist_init(cfg)
     torch.manual_seed(cfg.seed)
     records = Records(cfg.data, cfg.tau)
@@ -486,4 +490,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    prepare.run_main(lambda argv: main(parse_args(argv)))

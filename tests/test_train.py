@@ -153,7 +153,7 @@ def test_bad_inputs(syn, tmp_path):
     with pytest.raises(ValueError, match="must split into"):
         train.main(cfg_for(syn, tmp_path, global_batch=4, micro_batch=3))
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0, batch ids \["):
-        train.main(cfg_for(syn, tmp_path / "nan", lambda_latent=float("nan"), tau=1.0))
+        train.main(cfg_for(syn, tmp_path / "nan", lambda_latent=1e39, tau=1.0))
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         train.main(cfg_for(syn, tmp_path / "fresh", resume=True))
     bad = tmp_path / "bad"
