@@ -4,7 +4,7 @@ GAP's head (Eq. 1) predicts PCA coefficients c_t = F(h̄_t) and reconstructs v̂
 and mu (d,) are the top-k principal directions and the mean of the auxiliary-image vision embeddings (the targets).
 Also here: the streaming PCA fit (k from explained variance, RelMSE of Eq. 7), the latent loss (Eq. 2), and the
 baselines/ablations: the full-dimension head (d -> d), output-as-input feedback, EMA norm calibration, noise latents
-and the VaLR-style middle-layer alignment. Nothing here runs on its own; it is exercised by
+and VaLR's middle-layer alignment to vision encoders (REPA). Nothing here runs on its own; it is exercised by
     python prepare.py build --data F.jsonl --model CKPT --out DIR [--pca-variance 0.95]   # fits and saves the basis
     python train.py                                                                       # trains the head (tiny, CPU)
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --model CKPT             # the real run
@@ -308,8 +308,8 @@ def latent_loss(pred, target, reduction="mean", over_d="mean"):
 
 
 class VaLRProjector(nn.Module):
-    """VaLR-style alignment: Linear-GELU-Linear (LLaVA projector shape) from a middle layer's hidden state at the
-    latent positions (train.py picks the layer, default L // 2, from decode(return_layers=True)) to the target dim."""
+    """VaLR's projector psi: Linear-GELU-Linear (LLaVA projector shape) from a middle layer's hidden state at the
+    latent positions (train.py picks the layer with --repa-layer) to one encoder's feature dim; one per encoder."""
 
     def __init__(self, d_model, d_target, hidden=None):
         super().__init__()
@@ -322,12 +322,42 @@ class VaLRProjector(nn.Module):
             return _linear32(F.gelu(_linear32(h.float(), self.fc1)), self.fc2)
 
 
-def valr_loss(pred, target):
-    """-mean cosine similarity over latents: -1 when aligned, +1 when opposite. Graph-connected zero if empty."""
+def valr_loss(pred, target, reduction="mean"):
+    """-cosine similarity per row (-1 aligned, +1 opposite), averaged (or summed) over rows; fp32.
+    Graph-connected zero if empty, so DDP/FSDP still see the projector used."""
     if pred.shape != target.shape:
         raise ValueError(f"valr_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     cos = F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-8)
-    return -cos.mean() if cos.numel() else pred.float().sum() * 0.0
+    if cos.numel() == 0:
+        return pred.float().sum() * 0.0
+    return -cos.sum() if reduction == "sum" else -cos.mean()
+
+
+def upsample_latents(f, P):
+    """A block's K latent features -> the encoder's P patches: (n, K, d) -> (n, P, d) fp32, linear interpolation
+    along the latent index. Patch p sits at t = p (K - 1) / (P - 1), so the first patch is latent 0 and the last
+    patch latent K-1, and takes (1 - frac(t)) f[floor t] + frac(t) f[floor t + 1]; P = K is the identity, K = 1 copies
+    the one latent to every patch, P = 1 takes latent 0. VaLR does not say how it upsamples (K = 16 latents to 256
+    DINOv3 patches); this is the simplest rule that uses every latent and keeps their order."""
+    f = f.float()
+    if f.shape[1] == P:
+        return f
+    return F.interpolate(f.transpose(1, 2), size=P, mode="linear", align_corners=True).transpose(1, 2)
+
+
+def repa_loss(features, targets, projectors, reduction="mean"):
+    """VaLR's alignment: L_REPA = -(1/NP) sum_{i,p} cos(psi(F_MLLM^i)[p], F_phi^i[p]), the mean over encoders
+    (VaLR-M) with one projector psi each. The K features of each block are upsampled to the encoder's P patches first.
+
+    features: (n_blocks, K, D), the --repa-layer states of each block's latents; targets: {name: (n_blocks, P, d)};
+    projectors: {name: VaLRProjector}. reduction="sum" sums over blocks (each block the mean over its P patches), so
+    train.py can divide by the global block count across micro-batches and ranks."""
+    losses = []
+    for name, target in targets.items():
+        P = target.shape[1]
+        pred = projectors[name](upsample_latents(features, P))              # (n_blocks, P, d)
+        losses.append(valr_loss(pred, target, "sum") / P if reduction == "sum" else valr_loss(pred, target))
+    return torch.stack(losses).mean()
 
 
 # ---- make / save / load ----------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ The tokenizer/template half is a library (train.py, sample.py and eval.py import
 
 `build` validates every record (a bad one stops the build, or with --skip-bad is listed in the manifest: nothing is
 dropped silently), tokenizes it with its latent spans, runs each auxiliary image through the frozen ViT to get the N
-latent targets (bf16 safetensors shards, resumable), and fits the PCA basis of Eq. 1 over all target rows. Layout of
-the output folder: CONTRACT.md / DESIGN.md "Data". Stripping spans of easy records (accuracy > tau) is train.py's job.
+latent targets (bf16 safetensors shards, resumable), and fits the PCA basis of Eq. 1 over all target rows. Stripping
+spans of easy records (accuracy > tau) is train.py's job. VaLR's layout and external encoder targets:
+    python prepare.py build --data F.jsonl --model CKPT --out DIR --layout valr --k 16 --external dinov3=dino.safetensors
 """
 import argparse
 import hashlib
@@ -55,6 +56,12 @@ class BuildOptions:
                                                           "model folder's preprocessor_config.json"})
     max_pixels: int = field(default=-1, metadata={"help": "question image: smart_resize max_pixels; -1 = the "
                                                           "model folder's preprocessor_config.json"})
+    layout: str = field(default="gap", metadata={"help": "gap: a <latent> span per aux image (N latents, ViT targets, "
+                                                         "PCA) | valr: a K-latent block before each reasoning step "
+                                                         "(valr.py), no ViT targets", "choices": ("gap", "valr")})
+    k: int = field(default=16, metadata={"min": 1, "help": "--layout valr: K latents per block (VaLR: 16)"})
+    external: list = field(default_factory=list, metadata={
+        "help": "NAME=FILE, repeatable: external encoder features {record id: (n_blocks, P, d)} for REPA (valr.py)"})
 
 
 @dataclass
@@ -166,6 +173,8 @@ def add_options(parser, cls):
         type_ = _option_type(f) if f.type in (int, float) else f.type
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        elif f.type is list:   # repeatable; default None, not [], which argparse's append would share across calls
+            parser.add_argument(flag, action="append", default=None, help=help_ + " (repeatable)")
         elif f.default is MISSING:
             parser.add_argument(flag, type=type_, required=True, help=help_)
         else:
@@ -316,8 +325,9 @@ def _describe(v):
     return f"{s[:40] + '...' if len(s) > 40 else s} ({type(v).__name__})"
 
 
-def _check_fields(obj, base):
-    """Cheap checks of one parsed line -> normalized record; raises BadRecord(field, reason)."""
+def _check_fields(obj, base, layout=None):
+    """Cheap checks of one parsed line -> normalized record; raises BadRecord(field, reason). layout: a function
+    that rewrites the response (valr.layout) before its <latent> count is checked against aux_images."""
     if not isinstance(obj, dict):
         raise BadRecord("record", f"expected a JSON object, found {_describe(obj)}")
     for k in ("id", "image", "question", "response", "answer"):
@@ -340,12 +350,13 @@ def _check_fields(obj, base):
         hit = [t for t in QWEN_SPECIAL_TOKENS + LATENT_TOKENS if t in obj[k]]
         if hit:
             raise BadRecord(k, f"contains the reserved token {hit[0]!r}")
-    n = obj["response"].count(LATENT_PLACEHOLDER)
-    if n != len(aux):
+    response = layout(obj["response"]) if layout else obj["response"]
+    n = response.count(LATENT_PLACEHOLDER)
+    if n != len(aux) and not (layout and not aux):   # VaLR blocks need no aux image (then each step's is optional)
         raise BadRecord("aux_images", f"expected {n} entries for {n} {LATENT_PLACEHOLDER}, found {len(aux)}")
     resolve = lambda p: str((base / p).resolve())   # absolute paths pass through `/` unchanged
     return {"id": obj["id"], "image": resolve(obj["image"]), "question": obj["question"],
-            "response": obj["response"], "aux_images": [resolve(a) for a in aux], "answer": obj["answer"],
+            "response": response, "aux_images": [resolve(a) for a in aux], "answer": obj["answer"],
             "accuracy": None if acc is None else float(acc)}
 
 
@@ -390,9 +401,9 @@ def _check_images(rec, opts, vision):
     return int(grid.prod()) // vision.spatial_merge_size ** 2
 
 
-def read_records(opts, vision):
+def read_records(opts, vision, layout=None):
     """Validate every line of opts.data -> (good records with n_image_tokens, skipped, n_records). Blank lines
-    are not records; every other line is either kept or reported."""
+    are not records; every other line is either kept or reported. layout: see _check_fields."""
     path, good, skipped, seen = Path(opts.data), [], [], {}
     lines = path.read_text(encoding="utf-8").splitlines()
     for lineno, line in enumerate(lines, 1):
@@ -405,7 +416,7 @@ def read_records(opts, vision):
             except json.JSONDecodeError as e:
                 raise BadRecord("json", f"not valid JSON: {e}") from None
             rid = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
-            rec = _check_fields(obj, path.parent)
+            rec = _check_fields(obj, path.parent, layout)
             if rec["id"] in seen:
                 raise BadRecord("id", f"duplicate of line {seen[rec['id']]}")
             seen[rec["id"]] = lineno
@@ -495,12 +506,21 @@ def _atomic_text(path, text):
 
 
 def build(opts):
-    """Validate, tokenize, compute targets, fit the PCA, write the prepared folder. Returns the manifest."""
+    """Validate, tokenize, compute targets, fit the PCA, write the prepared folder. Returns the manifest.
+    --layout valr (VaLR) instead puts a K-latent block before each reasoning step and has no ViT targets and no PCA:
+    its latents are the model's own outputs fed back, aligned by REPA to the --external encoders' features."""
+    import valr   # lazy: valr.py imports this file
     check_options(opts)
+    valr_layout = opts.layout == "valr"
+    n_latents = opts.k if valr_layout else opts.latents
     g = math.isqrt(max(opts.latents, 0))
-    if opts.latents < 1 or g * g != opts.latents:
+    if not valr_layout and (opts.latents < 1 or g * g != opts.latents):
         raise DataError(f"--latents {opts.latents}: expected a perfect square (N = g*g latents from a g x g grid "
                         f"of merged patches, e.g. 36)")
+    try:
+        externals = dict(valr.parse_external(e) for e in opts.external or [])
+    except ValueError as e:
+        raise DataError(str(e)) from None
     out, data = Path(opts.out), Path(opts.data)
     if not data.is_file():
         raise FileNotFoundError(f"--data {data}: no such file")
@@ -511,7 +531,7 @@ def build(opts):
     print_pixels(pixels)
     opts = replace(opts, min_pixels=pixels[0], max_pixels=pixels[1])   # image tokens are counted at these limits
 
-    recs, skipped, n_records = read_records(opts, cfg.vision)
+    recs, skipped, n_records = read_records(opts, cfg.vision, valr.layout if valr_layout else None)
     for s in skipped:
         print(format_bad(data, s), file=sys.stderr)
     if skipped and not opts.skip_bad:
@@ -525,19 +545,40 @@ def build(opts):
     tok.save(str(out / "tokenizer.json"))
     rows = []
     for r in recs:
-        input_ids, labels = build_example(tok, r["question"], r["response"], r["n_image_tokens"], opts.latents)
+        input_ids, labels = build_example(tok, r["question"], r["response"], r["n_image_tokens"], n_latents)
         rows.append({"id": r["id"], "image": r["image"], "input_ids": input_ids, "labels": labels,
-                     "n_spans": len(r["aux_images"]), "accuracy": r["accuracy"], "answer": r["answer"],
+                     "n_spans": r["response"].count(LATENT_PLACEHOLDER), "accuracy": r["accuracy"], "answer": r["answer"],
                      "question": r["question"], "response": r["response"], "aux_images": r["aux_images"]})
     _atomic_text(out / "records.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    if not any(row["n_spans"] for row in rows):
+        raise DataError(f"{data}: no record has a latent span ({LATENT_PLACEHOLDER}"
+                        + (" or a reasoning step" if valr_layout else "") + "); nothing to train the latents on")
+    # external encoder features (checked before the slow ViT pass, so a bad file fails fast)
+    blocks = [(row["id"], row["n_spans"]) for row in rows if row["n_spans"]]
+    try:
+        external = {name: valr.store_external(name, path, blocks, out, opts.shard_size)
+                    for name, path in externals.items()}
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    manifest = {"n_records": n_records, "n_kept": len(recs), "n_latents": n_latents, "layout": opts.layout,
+                "latent_ids": {"start": latent_ids[LATENT_TOKENS[0]], "pad": latent_ids[LATENT_TOKENS[1]],
+                               "end": latent_ids[LATENT_TOKENS[2]]},
+                "skipped": skipped, "model": str(Path(opts.model).resolve()), "data": str(data.resolve()),
+                "n_spans": sum(r["n_spans"] for r in rows), "image_min_pixels": opts.min_pixels,
+                "image_max_pixels": opts.max_pixels, "external": external, "shards": [], "pca": None}
+    if valr_layout:   # no ViT targets, no PCA: the folder is complete
+        for stale in [*out.glob("targets-*.safetensors*"), out / "pca.safetensors"]:
+            stale.unlink(missing_ok=True)
+        _atomic_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        print(f"build: kept {len(recs)}/{n_records} records ({len(skipped)} skipped), {manifest['n_spans']} blocks "
+              f"of K={n_latents} latents, external encoders {sorted(external) or 'none'} -> {out}")
+        return manifest
 
     # Targets, shard by shard. A shard whose fingerprint matches is kept (resume after a crash); the ViT is only
     # loaded if some shard is missing. Only the tower is kept: the decoder's weights are freed right away.
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     with_spans = [r for r in recs if r["aux_images"]]
-    if not with_spans:
-        raise DataError(f"{data}: no record has a {LATENT_PLACEHOLDER} span; nothing to fit the PCA on")
     chunks = [with_spans[i:i + opts.shard_size] for i in range(0, len(with_spans), opts.shard_size)]
     shards, visual = [], None
     bar = tqdm(total=sum(len(r["aux_images"]) for r in with_spans), desc="targets", unit="img")
@@ -568,14 +609,8 @@ def build(opts):
     basis = fitter.finish(opts.pca_variance)
     basis.save(out / "pca.safetensors")
 
-    manifest = {"n_records": n_records, "n_kept": len(recs), "n_latents": opts.latents,
-                "latent_ids": {"start": latent_ids[LATENT_TOKENS[0]], "pad": latent_ids[LATENT_TOKENS[1]],
-                               "end": latent_ids[LATENT_TOKENS[2]]},
-                "skipped": skipped, "pca": {"k": basis.k, "threshold": basis.threshold, "relmse": basis.relmse()},
-                "model": str(Path(opts.model).resolve()), "data": str(data.resolve()), "shards": shards,
-                "n_spans": sum(r["n_spans"] for r in rows), "target_dim": cfg.vision.out_hidden_size,
-                "image_min_pixels": opts.min_pixels, "image_max_pixels": opts.max_pixels,
-                "target_norm": norm_sum / n_rows}
+    manifest.update(pca={"k": basis.k, "threshold": basis.threshold, "relmse": basis.relmse()}, shards=shards,
+                    target_dim=cfg.vision.out_hidden_size, target_norm=norm_sum / n_rows)
     _atomic_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")   # written last: marks completion
     print(f"build: kept {len(recs)}/{n_records} records ({len(skipped)} skipped), {manifest['n_spans']} spans in "
           f"{len(shards)} shard(s), PCA k={basis.k}/{basis.d} (RelMSE {basis.relmse():.4f}) -> {out}")

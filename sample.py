@@ -403,6 +403,35 @@ def generate_naive(bundle, image, question, mode="pca", max_new_tokens=256, temp
                        st(hidden) if debug else None, st(lat_out) if debug else None)[0]
 
 
+@torch.no_grad()
+def rollout_latents(m, head, x, pos, lat):
+    """Training's output-as-input (VaLR, whose data has no latent targets): the latents generation would feed at the
+    latent positions lat (B, T) of a teacher-forced sequence x (B, T, D) with positions pos (3, B, T). The text stays
+    as given; the latent at t is head(h̄_{t-1}), h̄ computed with every earlier latent already fed back, exactly as
+    generate() does. The sequence goes through the KV cache in chunks split at each latent position, so latent t sees
+    latent t-1's input: one chunk per latent column (K per block: 17 decode calls for a K = 16 block), not a full
+    forward per latent. No grad flows through the fed-back values (like scheduled sampling's detached predictions);
+    the pass that trains then reads them as inputs. -> (n_lat, D) fp32 in row-major order."""
+    B, T, _ = x.shape
+    x = x.clone()
+    cols = lat.any(0).nonzero().flatten().tolist()                              # latent positions in any row
+    if not cols:
+        return x.new_zeros(0, x.shape[-1], dtype=torch.float32)
+    # under autocast the trunk writes bf16 keys/values: the cache must hold that dtype, not the fp32 weights'
+    amp = torch.is_autocast_enabled(x.device.type)
+    m.setup_cache(B, T, dtype=torch.get_autocast_dtype(x.device.type) if amp else x.dtype, device=x.device)
+    try:
+        h_prev, bounds = None, [0] + cols + [cols[-1] + 1]                      # nothing after the last latent
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if h_prev is not None:                                              # a is a latent position in some row
+                x[:, a] = torch.where(lat[:, a, None], head(h_prev).to(x.dtype), x[:, a])
+            h = m.decode(x[:, a:b], pos[:, :, a:b], input_pos=torch.arange(a, b, device=x.device))   # (B, b-a, D)
+            h_prev = h[:, -1]
+    finally:
+        m.clear_cache()
+    return x[lat].float()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ---- CLI ----
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 import latent_head as lh
 import model as qm
 import prepare
+import sample
 
 
 @dataclass
@@ -53,13 +54,17 @@ class TrainConfig:
     latent_loss: str = field(default="mean", metadata={
         "help": "squared error of one latent: mean over its d dims (lambda 1.0 safe at any d) | sum (Eq. 2 as "
                 "written: ~d x larger)", "choices": lh.LATENT_LOSS_OVER_D})
-    tau: float = field(default=0.0, metadata={"help": "keep latent spans only for records with accuracy <= tau"})
+    tau: float = field(default=0.0, metadata={"help": "keep latent spans only for records with accuracy <= tau; "
+                                                      "< 0 strips every span (plain CoT: VaLR stage 1)"})
     scheduled_sampling: float = field(default=0.0,
                                       metadata={"min": 0, "max": 1,
                                                 "help": "probability of feeding the model's own detached latent (2nd pass)"})
-    repa_layer: int = field(default=-1,
-                            metadata={"min": -1, "help": "VaLR: align this layer's state at latent positions (-1: off)"})
-    repa_weight: float = field(default=0.0, metadata={"min": 0, "help": "VaLR: weight of the -cos loss"})
+    repa_layer: int = field(default=-1, metadata={"min": -1, "help": "VaLR REPA: align this layer's latent features "
+                                                                      "(-1: off; the paper's 12 of 28 layers, 2 for 4)"})
+    repa_weight: float = field(default=0.0, metadata={"min": 0, "help": "VaLR REPA: weight of L_REPA (the paper: 0.5)"})
+    repa_encoders: str = field(default="auto", metadata={
+        "help": "REPA targets: comma list of `prepare.py build --external` names (2 = VaLR-M), or gap (the aux-image "
+                "ViT targets); auto = every external encoder of --data, else gap"})
     lr: float = field(default=1e-5, metadata={"min": 0, "help": "backbone learning rate"})
     head_lr: float = field(default=1e-5, metadata={"min": 0, "help": "latent head (and VaLR projector) learning rate"})
     weight_decay: float = field(default=0.01, metadata={"min": 0, "help": "on matrices only"})
@@ -149,22 +154,39 @@ class Records:
                 raise ValueError(f"{folder}/records.jsonl line {line_no} (id {r['id']}): input_ids and labels differ "
                                  f"in length ({len(r['input_ids'])} vs {len(r['labels'])})")
             self.records.append(r)
-        for shard in sorted(folder.glob("targets-*.safetensors")):
-            with safe_open(str(shard), framework="pt") as f:
-                self.where.update({k: shard for k in f.keys()})
-        self.strip = [r.get("accuracy") is not None and r["accuracy"] > tau for r in self.records]
+        for shard in self.manifest["shards"]:
+            with safe_open(str(folder / shard), framework="pt") as f:
+                self.where.update({k: folder / shard for k in f.keys()})
+        # external encoder features (VaLR's REPA targets): {name: {record id: shard}}, (n_spans, P, d) per record
+        self.external = {name: {} for name in self.manifest.get("external", {})}
+        for name, ext in self.manifest.get("external", {}).items():
+            for shard in ext["shards"]:
+                with safe_open(str(folder / shard), framework="pt") as f:
+                    self.external[name].update({k: folder / shard for k in f.keys()})
+        self.strip = [tau < 0 or (r.get("accuracy") is not None and r["accuracy"] > tau) for r in self.records]
 
     def __len__(self):
         return len(self.records)
 
     def get(self, i):
-        """-> dict(input_ids, labels (T,), image path, targets (n_latents_total, d) float32 or None)."""
+        """-> dict(input_ids, labels (T,), image path, targets (n_latents_total, d) float32 or None, external
+        {name: (n_spans, P, d) float32} or None). A --layout valr folder has no targets: its latents are fed back."""
         r = self.records[i]
         ids, labels = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
         n_spans = int((ids == self.start_id).sum())
         if self.strip[i] or n_spans == 0:
             keep = (ids != self.start_id) & (ids != self.pad_id) & (ids != self.end_id)
-            return dict(id=r["id"], input_ids=ids[keep], labels=labels[keep], image=r["image"], targets=None)
+            return dict(id=r["id"], input_ids=ids[keep], labels=labels[keep], image=r["image"], targets=None,
+                        external=None)
+        external = {}
+        for name, where in self.external.items():
+            with safe_open(str(where[r["id"]]), framework="pt") as f:
+                external[name] = f.get_tensor(r["id"]).float()                  # (n_spans, P, d)
+            if external[name].shape[0] != n_spans:
+                raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} spans but external '{name}' "
+                                 f"features of shape {tuple(external[name].shape)}")
+        if not self.manifest["shards"]:
+            return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=None, external=external)
         if r["id"] not in self.where:
             raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} latent span(s) but no targets tensor")
         with safe_open(str(self.where[r["id"]]), framework="pt") as f:
@@ -173,7 +195,8 @@ class Records:
         if t.shape[0] != n_spans or t.shape[0] * t.shape[1] != n_pads:
             raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} spans / {n_pads} latent pads but "
                              f"targets of shape {tuple(t.shape)}")
-        return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=t.flatten(0, 1).float())
+        return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=t.flatten(0, 1).float(),
+                    external=external)
 
 
 def collate(examples, fill_id, pixels=(56 * 56, 28 * 28 * 1280)):
@@ -194,6 +217,8 @@ def collate(examples, fill_id, pixels=(56 * 56, 28 * 28 * 1280)):
     d = dict(input_ids=ids, labels=labels, attention_mask=mask, pixel_values=torch.cat(pv),
              image_grid_thw=torch.cat(grids), ids=[e["id"] for e in examples])
     d["targets"] = torch.cat(targets) if targets else None
+    ext = [e["external"] for e in examples if e["external"]]
+    d["external"] = {name: torch.cat([x[name] for x in ext]) for name in ext[0]} if ext else {}   # (n_spans, P, d)
     return d
 
 
@@ -207,17 +232,19 @@ def step_indices(n, cfg, step, world):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- the model being trained: the VLM, the latent head, and (optionally) the VaLR projector ----
+# ---- the model being trained: the VLM, the latent head, and (optionally) VaLR's REPA projectors ----
 
 
 class GAP(nn.Module):
-    def __init__(self, vlm, head, valr=None, repa_layer=-1, latent_loss="mean"):
+    def __init__(self, vlm, head, projectors=None, repa_layer=-1, n_latents=1, latent_loss="mean"):
         super().__init__()
-        self.vlm, self.head, self.valr, self.repa_layer = vlm, head, valr, repa_layer
+        self.vlm, self.head, self.repa_layer, self.n_latents = vlm, head, repa_layer, n_latents
+        self.valr = nn.ModuleDict(projectors) if projectors else None   # {encoder name ("gap": ViT targets): psi}
         self.latent_loss = latent_loss   # mean | sum over the d dims of one latent (see lh.latent_loss)
 
     def forward(self, batch, pad_id, ss_prob=0.0):
-        """-> (lm_sum, latent_sum, valr_sum): sums over this micro-batch; the caller divides by global counts."""
+        """-> (lm_sum, latent_sum, valr_sum): sums over this micro-batch (valr_sum over latent spans); the caller
+        divides by global counts."""
         m, ids = self.vlm, batch["input_ids"]
         x = m.embed(ids, batch["pixel_values"], batch["image_grid_thw"])   # (B, T, D)
         pos, _ = m.position_ids(ids, batch["image_grid_thw"], batch["attention_mask"])
@@ -236,18 +263,29 @@ class GAP(nn.Module):
             else:
                 v_in = v
             x = x.masked_scatter(lat[..., None], v_in.to(x.dtype))          # teacher forcing: input at pad j is v_j
+        elif bool(lat.any()):
+            # no targets (a --layout valr folder): output-as-input, the latents generation would feed, each the
+            # head's feedback from h̄ before it, rolled out without grad through the KV cache with the text as given
+            x = x.masked_scatter(lat[..., None], sample.rollout_latents(m, self.head, x, pos, lat).to(x.dtype))
         use_valr = self.valr is not None
         h, layers = m.decode(x, pos, return_layers=True) if use_valr else (m.decode(x, pos), None)
         logits = m.lm_head(h[:, :-1]).float()                               # (B, T-1, V): predicts token t+1
         lm_sum = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100,
                                  reduction="sum")
-        if v is None:   # every span stripped: run the head on no rows, so DDP/FSDP still see its parameters used
-            v = h.new_zeros(0, h.shape[-1], dtype=torch.float32)
-        v_hat = self.head(h[prev])                                          # Eq. 1, (n_lat, d) fp32
+        if v is None:   # every span stripped, or no targets (VaLR: no latent MSE): run the head on no rows, so
+            v = h.new_zeros(0, h.shape[-1], dtype=torch.float32)            # DDP/FSDP still see its parameters used
+        v_hat = self.head(h[prev] if v.shape[0] else h[:, :0].flatten(0, 1))   # Eq. 1, (n_lat, d) fp32
         lat_sum = lh.latent_loss(v_hat, v, reduction="sum", over_d=self.latent_loss)   # Eq. 2, summed over latents
         valr_sum = h.new_zeros((), dtype=torch.float32)
         if use_valr:
-            valr_sum = -F.cosine_similarity(self.valr(layers[self.repa_layer][prev]), v, dim=-1).sum()   # VaLR
+            # REPA: latent j's features are the --repa-layer state where it is produced (the position before pad j,
+            # as for the head), K per span; "gap" aligns to the aux-image ViT targets, the others to --external ones
+            K = self.n_latents
+            feats = layers[self.repa_layer][prev].view(-1, K, h.shape[-1])   # (n_spans, K, D)
+            ext = batch["external"]
+            targets = {n: (v.view(-1, K, v.shape[-1]) if n == "gap" else ext[n].to(h.device) if n in ext
+                           else h.new_zeros(0, 1, p.d_target)) for n, p in self.valr.items()}   # (n_spans, P, d)
+            valr_sum = lh.repa_loss(feats, targets, self.valr, reduction="sum")
         return lm_sum, lat_sum, valr_sum
 
 
@@ -257,14 +295,18 @@ def build(cfg, records, device, rank, world):
     if max(records.start_id, records.pad_id, records.end_id) >= vocab:
         raise ValueError(f"latent token ids {records.start_id}..{records.end_id} from {cfg.data}/manifest.json are "
                          f">= the embedding's {vocab} rows in {cfg.model}")
-    d = vlm.cfg.text.hidden_size
+    d, n_layers = vlm.cfg.text.hidden_size, vlm.cfg.text.num_hidden_layers
+    if cfg.latent_head == "pca" and records.manifest.get("pca") is None:
+        raise prepare.DataError(f"--latent-head pca: {cfg.data} has no PCA basis (a --layout valr build has no aux-image "
+                         f"targets); use --latent-head raw (VaLR's output-as-input)")
     basis = lh.PCABasis.load(Path(cfg.data) / "pca.safetensors") if cfg.latent_head == "pca" else None
     head = lh.make_head(cfg.latent_head, d, basis).to(device)
-    valr = None
+    projectors = {}
     if cfg.repa_layer >= 0:
-        if cfg.repa_layer > vlm.cfg.text.num_hidden_layers:
-            raise ValueError(f"--repa-layer {cfg.repa_layer} > {vlm.cfg.text.num_hidden_layers} layers")
-        valr = lh.VaLRProjector(d, d).to(device)
+        if cfg.repa_layer > n_layers:
+            raise prepare.DataError(f"--repa-layer {cfg.repa_layer} > {n_layers} layers (VaLR's layer 12 of 28 scales to "
+                             f"{round(12 * n_layers / 28)} for {n_layers})")
+        projectors = {name: lh.VaLRProjector(d, dim).to(device) for name, dim in repa_encoders(cfg, records).items()}
     for p in vlm.visual.parameters():
         p.requires_grad_(cfg.train_vision)
     if cfg.activation_checkpointing:
@@ -273,7 +315,7 @@ def build(cfg, records, device, rank, world):
     if cfg.compile:
         for layer in vlm.model.layers:   # in-place Module.compile keeps the uncompiled names for saving
             layer.compile()
-    gap = GAP(vlm, head, valr, cfg.repa_layer, cfg.latent_loss)
+    gap = GAP(vlm, head, projectors, cfg.repa_layer, records.n_latents, cfg.latent_loss)
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         for layer in vlm.model.layers:
@@ -286,7 +328,7 @@ def build(cfg, records, device, rank, world):
         wrapped = gap
     # two parameter groups (backbone lr, head lr), weight decay on matrices only (not norms, biases)
     groups = []
-    for params, lr in ((vlm.parameters(), cfg.lr), ([*head.parameters(), *(valr.parameters() if valr else [])], cfg.head_lr)):
+    for params, lr in ((vlm.parameters(), cfg.lr), ([*head.parameters(), *(gap.valr.parameters() if gap.valr else [])], cfg.head_lr)):
         params = [p for p in params if p.requires_grad]
         groups += [dict(params=[p for p in params if p.dim() >= 2], lr=lr, weight_decay=cfg.weight_decay),
                    dict(params=[p for p in params if p.dim() < 2], lr=lr, weight_decay=0.0)]
@@ -295,6 +337,20 @@ def build(cfg, records, device, rank, world):
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return gap, wrapped, opt, basis
+
+
+def repa_encoders(cfg, records):
+    """--repa-encoders -> {name: feature dim}: names of the folder's --external encoders, or gap (its ViT targets)."""
+    have = {n: e["dim"] for n, e in records.manifest.get("external", {}).items()}
+    if records.manifest["shards"]:
+        have["gap"] = records.manifest["target_dim"]
+    names = cfg.repa_encoders.split(",") if cfg.repa_encoders != "auto" else \
+        [n for n in have if n != "gap"] or ["gap"]
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise prepare.DataError(f"--repa-encoders {cfg.repa_encoders}: {cfg.data} has no {', '.join(missing)} targets; it "
+                         f"has {', '.join(have) or 'none'} (prepare.py build --external NAME=FILE adds encoders)")
+    return {n: have[n] for n in names}
 
 
 def lr_factor(step, total, warmup_ratio):
@@ -380,7 +436,7 @@ def export(gap, cfg, records, basis, rank):
         basis.save(out / "pca.safetensors")
     gap_json = dict(latent_head=cfg.latent_head, n_latents=records.n_latents, tau=cfg.tau,
                     latent_ids=dict(start=records.start_id, pad=records.pad_id, end=records.end_id),
-                    vision_norm=records.manifest["target_norm"], lambda_latent=cfg.lambda_latent, latent_loss=cfg.latent_loss,
+                    vision_norm=records.manifest.get("target_norm"), lambda_latent=cfg.lambda_latent, latent_loss=cfg.latent_loss,
                     image_min_pixels=records.pixels[0], image_max_pixels=records.pixels[1])
     (out / "gap.json").write_text(json.dumps(gap_json, indent=2) + "\n")
 
@@ -427,9 +483,10 @@ def main(cfg):
                  for j in range(0, len(idx), cfg.micro_batch)]
         # global counts first, so every micro-batch's sum is divided by the same number (STYLE 17)
         counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                               sum(0 if b["targets"] is None else b["targets"].shape[0] for b in micro)],
+                               sum(int((b["input_ids"] == records.pad_id).sum()) for b in micro)],   # latents
                               dtype=torch.float64, device=device)
         n_tok, n_lat = all_sum(counts, world).tolist()
+        n_spans = n_lat / records.n_latents   # L_REPA is a mean over spans (each the mean over its patches)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup_ratio)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -440,7 +497,7 @@ def main(cfg):
             with ctx, autocast:
                 lm_sum, lat_sum, valr_sum = wrapped(b, records.pad_id, cfg.scheduled_sampling)
                 loss = lm_sum / max(n_tok, 1) + cfg.lambda_latent * lat_sum / max(n_lat, 1) \
-                    + cfg.repa_weight * valr_sum / max(n_lat, 1)
+                    + cfg.repa_weight * valr_sum / max(n_spans, 1)
                 # DDP averages gradients over ranks; the loss is already a global mean, so undo that average
                 (loss * (world if world > 1 and not cfg.fsdp else 1)).backward()
             sums += torch.stack([lm_sum.detach(), lat_sum.detach(), valr_sum.detach()]).double()
@@ -456,7 +513,7 @@ def main(cfg):
         opt.zero_grad(set_to_none=True)
         step += 1
         sums = all_sum(sums, world)
-        lm, lat, valr = sums[0].item() / max(n_tok, 1), sums[1].item() / max(n_lat, 1), sums[2].item() / max(n_lat, 1)
+        lm, lat, valr = sums[0].item() / max(n_tok, 1), sums[1].item() / max(n_lat, 1), sums[2].item() / max(n_spans, 1)
         dt = time.time() - t0
         tok_s = sum(int(b["attention_mask"].sum()) for b in micro) * world / dt
         mfu = 6 * n_train * tok_s / (peak * world) if peak else None

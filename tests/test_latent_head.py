@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import latent_head as lh
@@ -218,6 +219,42 @@ def test_valr_loss_and_projector():
     assert out.shape == (2, 3, 12) and out.dtype == torch.float32
     lh.valr_loss(out, torch.randn(2, 3, 12)).backward()
     assert proj.fc1.weight.grad.abs().sum() > 0
+
+
+def test_upsample_latents_hand_computed():
+    # K = 3 latents -> P = 5 patches: patch p sits at t = p * 2 / 4 = 0, .5, 1, 1.5, 2 on the latent index
+    f = torch.tensor([[[0.0, 10.0], [4.0, 2.0], [8.0, 6.0]]])                 # (1, K=3, d=2)
+    up = lh.upsample_latents(f, 5)
+    assert torch.equal(up, torch.tensor([[[0.0, 10.0], [2.0, 6.0], [4.0, 2.0], [6.0, 4.0], [8.0, 6.0]]]))
+    assert torch.equal(lh.upsample_latents(f, 3), f)                              # P = K: identity
+    assert torch.equal(lh.upsample_latents(f[:, :1], 4), f[:, :1].expand(1, 4, 2))  # K = 1: copied to every patch
+    # K = 2 -> P = 4: t = 0, 1/3, 2/3, 1
+    g = lh.upsample_latents(torch.tensor([[[0.0], [3.0]]]), 4)
+    torch.testing.assert_close(g, torch.tensor([[[0.0], [1.0], [2.0], [3.0]]]))
+
+
+def test_repa_loss_hand_computed_and_mean_over_encoders():
+    torch.manual_seed(0)
+    feats = torch.randn(2, 3, 8)                                                  # (n_blocks=2, K=3, D=8)
+    projs = {"a": lh.VaLRProjector(8, 4, hidden=6), "b": lh.VaLRProjector(8, 5, hidden=6)}
+    targets = {"a": torch.randn(2, 5, 4), "b": torch.randn(2, 3, 5)}             # P = 5 and P = 3 patches
+    # by hand for encoder a: -(1/NP) sum over blocks and patches of cos(psi(upsampled)[p], target[p])
+    cos = [F.cosine_similarity(projs["a"](lh.upsample_latents(feats, 5))[i, p], targets["a"][i, p], dim=0)
+           for i in range(2) for p in range(5)]
+    one = lh.repa_loss(feats, {"a": targets["a"]}, projs)
+    assert one.item() == pytest.approx(-sum(cos).item() / 10, abs=1e-6)
+    # two encoders (VaLR-M) == the mean of the two single-encoder losses; "sum" is the same summed over blocks
+    two = lh.repa_loss(feats, targets, projs)
+    each = [lh.repa_loss(feats, {n: targets[n]}, projs) for n in ("a", "b")]
+    assert two.item() == pytest.approx((each[0].item() + each[1].item()) / 2, abs=1e-6)
+    assert lh.repa_loss(feats, targets, projs, reduction="sum").item() == pytest.approx(2 * two.item(), abs=1e-6)
+    # aligned targets give -1; an empty batch gives a graph-connected zero
+    with torch.no_grad():
+        aligned = projs["a"](lh.upsample_latents(feats, 5)) * 3.0
+    assert lh.repa_loss(feats, {"a": aligned}, projs).item() == pytest.approx(-1.0, abs=1e-6)
+    empty = lh.repa_loss(feats[:0], {"a": targets["a"][:0]}, projs, reduction="sum")
+    empty.backward()
+    assert empty.item() == 0.0 and projs["a"].fc1.weight.grad is not None
 
 
 # ---- save / load -----------------------------------------------------------------------------------------------------
