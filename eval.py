@@ -72,6 +72,15 @@ class NormsOptions:
     max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = the folder's"})
 
 
+@dataclass
+class OracleOptions:
+    model: str = field(metadata={"help": "train.py output folder or a plain HF checkpoint"})
+    data: str = field(metadata={"help": "a prepared folder (prepare.py build) with the same tokenizer"})
+    limit: int = field(default=0, metadata={"help": "first N records with spans (0 = all)"})
+    batch_size: int = field(default=32, metadata={"help": "records per forward"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda ..."})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ---- data: our JSONL and VLMEvalKit TSV ----
 
@@ -523,6 +532,58 @@ def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ---- the oracle-latent probe ----
+# Can the model *read* a latent span? Feed every span the true auxiliary-image embeddings (the targets prepare.py
+# computed) under teacher forcing, and count a record as solved when every supervised token after its last span
+# (the rest of the reasoning and the answer) is the argmax. feed="none" strips the spans from the same records:
+# the same text, no visual evidence. Oracle well above none means hop 2 works on real latents, so any gap left
+# between GAP's own latents and the oracle is hop 1 (producing them).
+
+
+def oracle_probe(m, prepared, feed="oracle", limit=0, batch_size=32):
+    """-> {"feed", "n", "accuracy", "hits"} over the prepared folder's records with latent spans."""
+    import train   # lazy: train.py is the one place that reads prepared folders (records, targets, padding)
+    if feed not in ("oracle", "none"):
+        raise ValueError(f"oracle_probe: feed {feed!r}: expected oracle or none")
+    keep = train.Records(prepared, tau=1.0)   # tau 1: nothing stripped, every span keeps its targets
+    recs = train.Records(prepared, tau=1.0 if feed == "oracle" else -1.0)
+    idx = [i for i, r in enumerate(keep.records) if keep.start_id in r["input_ids"]]
+    idx = idx[:limit] if limit > 0 else idx
+    device, hits = next(m.parameters()).device, []
+    for j in tqdm(range(0, len(idx), batch_size), desc=f"oracle probe ({feed})", leave=False):
+        rows = idx[j:j + batch_size]
+        # the tail: supervised tokens after the last <|latent_end|>, the same tokens with or without the spans
+        tails = []
+        for i in rows:
+            ids, labels = keep.records[i]["input_ids"], keep.records[i]["labels"]
+            last = len(ids) - 1 - ids[::-1].index(keep.end_id)
+            tails.append(sum(t != prepare.IGNORE for t in labels[last + 1:]))
+        b = train.collate([recs.get(i) for i in rows], m.cfg.bos_token_id, recs.pixels)
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        with torch.no_grad():
+            x = m.embed(b["input_ids"], b["pixel_values"], b["image_grid_thw"])          # (B, T, D)
+            pos, _ = m.position_ids(b["input_ids"], b["image_grid_thw"], b["attention_mask"])
+            if b["targets"] is not None:   # teacher forcing: the input at latent pad j is target v_j
+                lat = b["input_ids"] == recs.pad_id                                        # (B, T)
+                x = x.masked_scatter(lat[..., None], b["targets"].to(x.dtype))
+            pred = m.lm_head(m.decode(x, pos)[:, :-1]).argmax(-1)                          # (B, T-1) next token
+        labels = b["labels"][:, 1:]
+        for r, n_tail in enumerate(tails):
+            sup = (labels[r] != prepare.IGNORE).nonzero().flatten()[-n_tail:]            # the tail's positions
+            hits.append(bool((pred[r, sup] == labels[r, sup]).all()))
+    return {"feed": feed, "n": len(hits), "accuracy": float(np.mean(hits)) if hits else None, "hits": hits}
+
+
+def oracle_main(opts):
+    device = prepare.resolve_device(opts.device)
+    m = gapmodel.load_pretrained(opts.model, dtype=torch.float32, device=device)
+    rows = [oracle_probe(m, opts.data, feed, opts.limit, opts.batch_size) for feed in ("oracle", "none")]
+    print(format_table(rows, [("latents fed", "feed", "{}"), ("records", "n", "{}"),
+                              ("tail accuracy", "accuracy", "{:.4f}")]))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # ---- CLI ----
 
 
@@ -547,6 +608,11 @@ def main(argv=None):
         parser = prepare.Parser(prog="eval.py summary", description="accuracy mean +- std over seeds")
         parser.add_argument("folders", nargs="+", help="eval output folders named <group>-<seed>")
         return summary(parser.parse_args(argv[1:]).folders)
+    if argv[:1] == ["oracle"]:
+        parser = argparse.ArgumentParser(prog="eval.py oracle", description="oracle-latent probe: teacher-forced "
+                                         "tail accuracy with the true aux-image latents vs. with the spans stripped")
+        prepare.add_options(parser, OracleOptions)
+        return oracle_main(OracleOptions(**vars(parser.parse_args(argv[1:]))))
     if argv[:1] == ["norms"]:
         parser = prepare.Parser(prog="eval.py norms", description="layer-wise norm profile (Fig. 2)")
         prepare.add_options(parser, NormsOptions)

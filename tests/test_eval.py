@@ -200,3 +200,38 @@ def test_summary_over_seeds(tmp_path, capsys):
     assert got[("eval-gap", "zero")] == (2, pytest.approx(0.25), pytest.approx(0.0))
     assert got[("eval-control", "zero")] == (1, pytest.approx(0.4), pytest.approx(0.0))
     assert "eval-gap" in capsys.readouterr().out
+
+
+# ---- the oracle-latent probe ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    import prepare
+    out = tmp_path_factory.mktemp("syn")
+    prepare.main(["synthetic", "--out", str(out), "--n", "12", "--seed", "3", "--latents", "4", "--device", "cpu"])
+    return out
+
+
+def test_oracle_probe_feeds_true_targets(syn, monkeypatch):
+    """The probe must put target v_j at latent pad j (row-major, across the records of a padded batch), and with
+    feed=none run the same records with no span at all."""
+    import torch
+    import model as gapmodel
+    import train
+    m = gapmodel.load_pretrained(syn / "model")
+    recs = train.Records(syn / "prepared", tau=1.0)
+    with_spans = [i for i, r in enumerate(recs.records) if recs.start_id in r["input_ids"]]
+    ids_in, x_in, embed, decode = [], [], m.embed, m.decode
+    monkeypatch.setattr(m, "embed", lambda ids, *a: ids_in.append(ids) or embed(ids, *a))
+    monkeypatch.setattr(m, "decode", lambda x, pos, **k: x_in.append(x) or decode(x, pos, **k))
+    res = gapeval.oracle_probe(m, syn / "prepared", "oracle", limit=3, batch_size=2)
+    assert res["n"] == 3 and len(res["hits"]) == 3 and res["accuracy"] == sum(res["hits"]) / 3
+    for ids, x, rows in zip(ids_in, x_in, (with_spans[:2], with_spans[2:3])):
+        want = torch.cat([recs.get(i)["targets"] for i in rows])             # (n_pads, d) in row-major order
+        assert torch.equal(x[ids == recs.pad_id], want)
+    ids_in.clear()
+    none = gapeval.oracle_probe(m, syn / "prepared", "none", limit=3, batch_size=3)
+    assert none["n"] == 3 and not torch.isin(ids_in[0], torch.tensor([recs.start_id, recs.pad_id])).any()
+    with pytest.raises(ValueError, match="feed 'own'"):
+        gapeval.oracle_probe(m, syn / "prepared", "own")
