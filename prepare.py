@@ -262,6 +262,22 @@ def check_latent_ids(tok, cfg):
     return ids
 
 
+# Qwen2-VL / Qwen2.5-VL's chat template as the hub ships it (chat_template.json, also in tokenizer_config.json).
+# prompt_ids/build_example below produce exactly its rendering, token for token (tests/test_hub.py checks it with
+# transformers' Qwen2_5_VLProcessor and the real Qwen tokenizer); the exported folder carries it for other tools.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
 def token_ids(tok):
     """Ids of the template's special tokens (a missing one is an error: the template would silently break)."""
     ids = {name: tok.token_to_id(t) for name, t in _NAMES.items()}
@@ -309,6 +325,44 @@ def build_example(tok, question, response, n_image_tokens, n_latents):
     labels = ([IGNORE] * len(prompt) + [IGNORE if t == i["latent_pad"] else t for t in resp] + [i["im_end"]]
               + [IGNORE] * len(tail))
     return input_ids, labels
+
+
+# ---- the files a hub Qwen2.5-VL folder has besides config.json and the weights ----
+
+
+def write_hub_files(out, tok, cfg, pixels, base=None):
+    """tokenizer.json (with the latent tokens), tokenizer_config.json (every added token in added_tokens_decoder, the
+    chat template), chat_template.json, preprocessor_config.json (the pixel limits the model was trained at) and
+    generation_config.json (the base folder's if it has one, else greedy with Qwen's stop ids), so that transformers'
+    AutoProcessor / AutoTokenizer and Qwen2_5_VLForConditionalGeneration (and vLLM) load `out` as a Qwen2.5-VL."""
+    out, ids = Path(out), token_ids(tok)
+    tok.save(str(out / "tokenizer.json"))
+    added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                      "single_word": t.single_word, "special": t.special}
+             for i, t in sorted(tok.get_added_tokens_decoder().items())}
+    tok_cfg = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+               "additional_special_tokens": [t["content"] for t in added.values() if t["special"]],
+               "bos_token": None, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+               "eos_token": _NAMES["im_end"], "errors": "replace", "model_max_length": cfg.text.max_position_embeddings,
+               "pad_token": _NAMES["endoftext"], "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
+               "unk_token": None, "processor_class": "Qwen2_5_VLProcessor"}
+    v, (lo, hi) = cfg.vision, pixels[:2]
+    pre = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+           "min_pixels": lo, "max_pixels": hi, "size": {"shortest_edge": lo, "longest_edge": hi},
+           "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
+           "image_mean": list(model.IMAGE_MEAN), "image_std": list(model.IMAGE_STD), "resample": 3,
+           "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": True, "do_normalize": True,
+           "do_convert_rgb": True}
+    files = {"tokenizer_config.json": tok_cfg, "chat_template.json": {"chat_template": CHAT_TEMPLATE},
+             "preprocessor_config.json": pre}
+    gen = Path(base) / "generation_config.json" if base else None
+    if gen is None or not gen.is_file():
+        files["generation_config.json"] = {"bos_token_id": cfg.bos_token_id, "pad_token_id": ids["endoftext"],
+                                           "eos_token_id": [ids["im_end"], ids["endoftext"]], "do_sample": False}
+    for name, d in files.items():
+        _atomic_text(out / name, json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+    if "generation_config.json" not in files:
+        _atomic_text(out / "generation_config.json", gen.read_text())
 
 
 # ---- record validation ----

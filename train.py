@@ -427,7 +427,8 @@ def export(gap, cfg, records, basis, rank):
         return
     out = Path(cfg.out)
     qm.save_pretrained(gap.vlm, out, state_dict={k[4:]: v for k, v in model_sd.items() if k.startswith("vlm.")})
-    shutil.copy(Path(cfg.data) / "tokenizer.json", out / "tokenizer.json")
+    # tokenizer (with the latent tokens), chat template, processor and generation configs: a complete hub folder
+    prepare.write_hub_files(out, prepare.load_tokenizer(cfg.data), gap.vlm.cfg, records.pixels, base=cfg.model)
     if cfg.latent_head != "raw":   # a plain CPU copy of the head, filled from the full state
         head = lh.make_head(cfg.latent_head, gap.vlm.cfg.text.hidden_size, basis)
         head.load_state_dict({k[5:]: v for k, v in model_sd.items() if k.startswith("head.")}, strict=True)
