@@ -6,6 +6,7 @@ options, answer, category).
     python eval.py --model out/gap --data data/synthetic/raw/test.jsonl --modes pca,zero,noise,raw --latents 0,4,16,36
     python eval.py --model out/gap-7b --data MathVista_MINI.tsv --device cuda --batch-size 16 --out out/mathvista
     python eval.py norms --model out/gap --data data/synthetic/raw/test.jsonl --limit 16 --out out/norms
+    torchrun --standalone --nproc_per_node=8 eval.py --model out/gap-7b --data MathVista_MINI.tsv --batch-size 16
 
 Outputs under --out: predictions-<mode>-<latents>.jsonl per run, results.json (both tables), norms.json/norms.png.
 score_file() is the difficulty scorer behind `prepare.py score` (N samples of the base model per record).
@@ -20,11 +21,14 @@ import re
 import string
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import model as gapmodel
@@ -53,11 +57,14 @@ class EvalOptions:
     top_p: float = field(default=1.0, metadata={"above": 0, "max": 1, "help": "nucleus sampling mass"})
     ema_norm: bool = field(default=False, metadata={"help": "EMA norm calibration of every fed-back latent"})
     seed: int = field(default=0, metadata={"help": "sampling / noise seed"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ... (under torchrun: "
+                                                          "cuda:LOCAL_RANK)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
     min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = gap.json's (the trained "
                                                           "resolution), else preprocessor_config.json's"})
     max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = as for min_pixels"})
+    workers: int = field(default=4, metadata={"min": 0, "help": "threads decoding and preprocessing the next batches' images"})
+    compile: str = field(default="auto", metadata={"help": "compiled decode step: auto (on CUDA) | yes | no"})
 
 
 @dataclass
@@ -256,6 +263,82 @@ def score(prediction, answer, choices=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ---- many GPUs (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; one process runs the same code) ----
+# Work is split in units (eval: batches, so each batch has the rows and the seed one process would give it; score:
+# records). Rank r takes units r, r + G, r + 2G, ...; each rank appends finished units to its own part file, and
+# rank 0 merges the parts in data order into exactly the file one process writes. Parts survive a crash: a rerun,
+# with any number of ranks, skips every unit found in any part.
+
+
+def dist_setup(device="auto"):
+    """-> (rank, world, device). Under torchrun "auto" is cuda:LOCAL_RANK (gloo on CPU, NCCL on CUDA)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = prepare.resolve_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def read_parts(path):
+    """Rows (dicts) of every part file of `path`; a line cut short by a crash is dropped."""
+    rows = []
+    for part in sorted(path.parent.glob(path.name + ".part*")):
+        for line in part.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return rows
+
+
+def write_lines(path, rows):
+    """Atomic rewrite: one JSON object per line, written to a temporary name and renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def merge_parts(path, world, finalize):
+    """After every rank finished its part: rank 0 writes finalize(rows of all parts) to path (atomically) and removes
+    the parts. Every rank returns once the file is there."""
+    barrier(world)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_lines(path, finalize(read_parts(path)))
+        for part in path.parent.glob(path.name + ".part*"):
+            part.unlink()
+    barrier(world)
+
+
+def prefetched(fn, items, workers):
+    """(item, fn(item)) in order, fn running on a thread pool up to `workers` items ahead: image decoding and
+    preprocessing (PIL and numpy release the GIL) overlap the model's work instead of sitting in front of it."""
+    if workers <= 0:
+        yield from ((item, fn(item)) for item in items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        queue = deque()
+        for item in items:
+            queue.append((item, pool.submit(fn, item)))
+            if len(queue) > workers:
+                it, fut = queue.popleft()
+                yield it, fut.result()
+        while queue:
+            it, fut = queue.popleft()
+            yield it, fut.result()
+
+
+def encode_records(bundle, records):
+    return sample.encode_prompts(bundle, [record_image(r) for r in records], [r["question"] for r in records])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # ---- the runs ----
 
 
@@ -266,37 +349,60 @@ def percentile_stats(xs):
     return {"mean": float(xs.mean()), "p50": float(np.percentile(xs, 50)), "p90": float(np.percentile(xs, 90))}
 
 
-def run_one(bundle, records, mode, n_latents, opts, out_dir):
-    """Generate and score every record under one (mode, N); writes predictions-<mode>-<N>.jsonl; -> summary."""
+def compile_setting(opts):
+    return {"auto": None, "yes": True, "no": False}[opts.compile]
+
+
+def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
+    """Generate and score every record under one (mode, N); writes predictions-<mode>-<N>.jsonl; -> summary (rank 0;
+    None on the other ranks). A finished predictions file is read back instead of generated again."""
     path = Path(out_dir) / f"predictions-{mode}-{n_latents}.jsonl"
-    correct, lat, n_lat, n_gen, cats, total = [], [], [], [], {}, 0.0
-    with open(path, "w", encoding="utf-8") as f:
-        for i in tqdm(range(0, len(records), opts.batch_size), desc=f"{mode} N={n_latents}", leave=False):
-            batch = records[i:i + opts.batch_size]
-            images = [record_image(r) for r in batch]
-            if bundle.device.type == "cuda":
-                torch.cuda.synchronize(bundle.device)
-            t0 = time.perf_counter()
-            rows = sample.generate(bundle, images, [r["question"] for r in batch], mode=mode,
-                                   max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
-                                   n_latents=n_latents, ema_norm=opts.ema_norm, seed=opts.seed + i)
-            dt = time.perf_counter() - t0   # generate ends in a .cpu() copy, so the device work is finished
-            total += dt
-            for rec, row in zip(batch, rows):
-                ok, got = score(row["text"], rec["answer"], rec.get("choices"))
-                k = sum(s["count"] for s in row["latent_spans"])
-                correct.append(ok), lat.append(dt), n_lat.append(k), n_gen.append(row["n_generated"])
-                cats.setdefault(rec["category"], []).append(ok)
-                f.write(json.dumps({"id": rec["id"], "category": rec["category"], "answer": rec["answer"],
-                                    "prediction": row["text"], "extracted": got, "correct": ok, "latency_s": dt,
-                                    "n_latents": k, "n_generated": row["n_generated"],
-                                    "latent_spans": row["latent_spans"]}, ensure_ascii=False) + "\n")
-    return {"mode": mode, "latents": n_latents, "n": len(correct),
-            "accuracy": float(np.mean(correct)) if correct else None,
+    batches = [records[i:i + opts.batch_size] for i in range(0, len(records), opts.batch_size)]
+    ids = [r["id"] for r in records]
+    done = {}
+    if path.exists():
+        done = {p["id"]: p for p in (json.loads(l) for l in path.read_text(encoding="utf-8").splitlines())}
+    if set(done) != set(ids):
+        done = {p["id"]: p for p in read_parts(path) if "id" in p}
+        mine = [k for k in range(rank, len(batches), world) if not all(r["id"] in done for r in batches[k])]
+        part = path.with_name(f"{path.name}.part{rank}")
+        with open(part, "a", encoding="utf-8") as f:
+            units = prefetched(lambda k: encode_records(bundle, batches[k]), mine, opts.workers)
+            for k, prompts in tqdm(units, total=len(mine), desc=f"{mode} N={n_latents}", leave=False,
+                                   disable=rank != 0):
+                batch = batches[k]
+                if bundle.device.type == "cuda":
+                    torch.cuda.synchronize(bundle.device)
+                t0 = time.perf_counter()
+                rows = sample.generate(bundle, None, None, prompts=prompts, mode=mode,
+                                       max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                                       top_p=opts.top_p, n_latents=n_latents, ema_norm=opts.ema_norm,
+                                       seed=opts.seed + k * opts.batch_size, compile=compile_setting(opts))
+                dt = time.perf_counter() - t0   # generate ends in a .cpu() copy, so the device work is finished
+                for rec, row in zip(batch, rows):
+                    ok, got = score(row["text"], rec["answer"], rec.get("choices"))
+                    f.write(json.dumps({"id": rec["id"], "category": rec["category"], "answer": rec["answer"],
+                                        "prediction": row["text"], "extracted": got, "correct": ok, "latency_s": dt,
+                                        "n_latents": sum(s["count"] for s in row["latent_spans"]),
+                                        "n_generated": row["n_generated"], "latent_spans": row["latent_spans"]},
+                                       ensure_ascii=False) + "\n")
+                f.flush()
+        merge_parts(path, world, lambda parts: [{p["id"]: p for p in parts}[i] for i in ids])
+    if rank != 0:
+        return None
+    done = {p["id"]: p for p in (json.loads(l) for l in path.read_text(encoding="utf-8").splitlines())}
+    preds = [done[i] for i in ids]
+    cats = {}
+    for p in preds:
+        cats.setdefault(p["category"], []).append(p["correct"])
+    total = sum(done[b[0]["id"]]["latency_s"] for b in batches)   # wall time of the batches, one after another
+    return {"mode": mode, "latents": n_latents, "n": len(preds),
+            "accuracy": float(np.mean([p["correct"] for p in preds])),
             "per_category": {c: {"accuracy": float(np.mean(v)), "n": len(v)} for c, v in sorted(cats.items())},
-            "latency_s": percentile_stats(lat), "mean_latents": float(np.mean(n_lat)) if n_lat else 0.0,
-            "mean_generated": float(np.mean(n_gen)) if n_gen else 0.0,
-            "samples_per_s": len(correct) / total if total > 0 else None, "predictions": str(path)}
+            "latency_s": percentile_stats([p["latency_s"] for p in preds]),
+            "mean_latents": float(np.mean([p["n_latents"] for p in preds])),
+            "mean_generated": float(np.mean([p["n_generated"] for p in preds])),
+            "samples_per_s": len(preds) / total if total > 0 else None, "predictions": str(path)}
 
 
 def format_table(rows, columns):
@@ -318,12 +424,14 @@ def parse_list(s, cast, what):
 
 
 def evaluate(opts, bundle=None):
-    """The intervention table (modes at the folder's N) and the budget sweep (N at the sweep mode). -> results."""
+    """The intervention table (modes at the folder's N) and the budget sweep (N at the sweep mode). -> results
+    (on rank 0; None on the other ranks of a torchrun)."""
     prepare.check_options(opts)
-    device = prepare.resolve_device(opts.device)
+    rank, world, device = dist_setup(opts.device)
     bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device, opts.min_pixels,
                                    opts.max_pixels)
-    prepare.print_pixels(bundle.pixels)
+    if rank == 0:
+        prepare.print_pixels(bundle.pixels)
     records = read_data(opts.data)
     records = records[:opts.limit] if opts.limit > 0 else records
     if not records:
@@ -342,18 +450,24 @@ def evaluate(opts, bundle=None):
         sample.check_mode(bundle, sweep_mode)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    # untimed warm-up: the first call pays for allocator growth and kernel selection, not the first sample
-    sample.generate(bundle, [record_image(records[0])], [records[0]["question"]], mode="zero", max_new_tokens=2)
+    # untimed warm-up on the first batch: allocator growth, kernel selection and, on CUDA, compiling the decode step
+    # and capturing its CUDA graphs (the first cache-length bucket) are not charged to the first samples
+    first = records[:opts.batch_size]
+    sample.generate(bundle, None, None, prompts=encode_records(bundle, first), mode="zero",
+                    max_new_tokens=opts.max_new_tokens if bundle.device.type == "cuda" else 2,
+                    compile=compile_setting(opts))
     done = {}
 
     def run(mode, n):
         key = ("zero", 0) if mode == "zero" or n == 0 else (mode, n)   # N = 0 is the zero mode; no span to fill
         if key not in done:
-            done[key] = run_one(bundle, records, key[0], key[1], opts, out)
+            done[key] = run_one(bundle, records, key[0], key[1], opts, out, world, rank)
         return done[key]
 
-    intervention = [run(m, bundle.n_latents) for m in tqdm(modes, desc="modes")]
-    budget = [{**run(sweep_mode, n), "latents": n} for n in tqdm(sweep, desc="sweep")]
+    intervention = [run(m, bundle.n_latents) for m in tqdm(modes, desc="modes", disable=rank != 0)]
+    budget = [{**(run(sweep_mode, n) or {}), "latents": n} for n in tqdm(sweep, desc="sweep", disable=rank != 0)]
+    if rank != 0:
+        return None
     results = {"model": str(opts.model), "data": str(opts.data), "n_records": len(records),
                "n_latents": bundle.n_latents, "ema_norm": opts.ema_norm, "intervention": intervention,
                "image_min_pixels": bundle.pixels[0], "image_max_pixels": bundle.pixels[1],
@@ -491,43 +605,43 @@ def norms_main(opts, bundle=None):
 
 
 def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, top_p=1.0, max_new_tokens=256,
-               seed=0, device="auto", dtype="auto", bundle=None, pixels=(-1, -1)):
+               seed=0, device="auto", dtype="auto", bundle=None, pixels=(-1, -1), workers=4):
     """Difficulty scoring: sample the base model `samples` times per record (mode zero: a base model has no latent
-    head), grade each with score(), and write a copy of the JSONL with `accuracy` = mean correctness per record.
-    Resumable: records already scored in out_file (by id) are kept and skipped; a torn last line is dropped."""
+    head; the prompt is prefilled once and its cache rows copied), grade each with score(), and write a copy of the
+    JSONL with `accuracy` = mean correctness per record. Under torchrun records are split over ranks (see above).
+    Resumable: records already in out_file (by id) or in a part file are kept; a torn last line is dropped."""
     data_file = Path(data_file)
     out_file = Path(out_file) if out_file else data_file.with_name(data_file.stem + ".scored.jsonl")
     records = read_jsonl(data_file)
-    scored = {}
+    line_of = {r["id"]: i for i, r in enumerate(records)}
+    scored = {}                                               # record index -> scored row
     if out_file.exists():
         for line in out_file.read_text(encoding="utf-8").splitlines():
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 continue                                      # the line a crash cut short: re-score that record
-            if isinstance(obj, dict) and obj.get("accuracy") is not None:
-                scored[str(obj.get("id"))] = obj
-    device = prepare.resolve_device(device)
-    todo = [(i, r) for i, r in enumerate(records) if r["id"] not in scored]
+            if isinstance(obj, dict) and obj.get("accuracy") is not None and str(obj.get("id")) in line_of:
+                scored[line_of[str(obj.get("id"))]] = obj
+    scored.update({p["index"]: p["row"] for p in read_parts(out_file) if {"index", "row"} <= set(p)})
+    rank, world, device = dist_setup(device)
+    todo = [i for i in range(rank, len(records), world) if i not in scored]
     if todo and bundle is None:
         bundle = sample.load(model_dir, prepare.resolve_dtype(dtype, device), device, *pixels)
-        prepare.print_pixels(bundle.pixels)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    # rewrite what is already scored (dropping a torn line), in data order, then append as records finish
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            if r["id"] in scored:
-                f.write(json.dumps(scored[r["id"]], ensure_ascii=False) + "\n")
-    os.replace(tmp, out_file)
-    with open(out_file, "a", encoding="utf-8") as f:
-        for i, r in tqdm(todo, desc="score"):
+        if rank == 0:
+            prepare.print_pixels(bundle.pixels)
+    with open(out_file.with_name(f"{out_file.name}.part{rank}"), "a", encoding="utf-8") as f:
+        units = prefetched(lambda i: encode_records(bundle, records[i:i + 1]), todo, workers)
+        for i, prompts in tqdm(units, total=len(todo), desc="score", disable=rank != 0):
+            r = records[i]
             # the seed follows the record's line, so a resumed run draws exactly what an uninterrupted one would
-            rows = sample.generate(bundle, [record_image(r)] * samples, [r["question"]] * samples, mode="zero",
-                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   seed=seed + i)
+            rows = sample.generate(bundle, None, None, prompts=prompts, n_samples=samples, mode="zero",
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i)
             acc = float(np.mean([score(row["text"], r["answer"], r.get("choices"))[0] for row in rows]))
-            f.write(json.dumps({**r["raw"], "accuracy": acc}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"index": i, "row": {**r["raw"], "accuracy": acc}}, ensure_ascii=False) + "\n")
             f.flush()
+    merge_parts(out_file, world, lambda parts: [
+        row for _, row in sorted({**scored, **{p["index"]: p["row"] for p in parts}}.items())])
     return out_file
 
 
@@ -624,3 +738,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     prepare.run_main(main)
+    if dist.is_initialized():
+        dist.destroy_process_group()

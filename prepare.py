@@ -5,6 +5,7 @@ The tokenizer/template half is a library (train.py, sample.py and eval.py import
     python prepare.py synthetic --out data/synthetic    # toy tasks + tiny random checkpoint + build, < 1 min on CPU
     python prepare.py build --data F.jsonl --model CKPT --out DIR [--latents 36] [--pca-variance 0.95] [--skip-bad]
     python prepare.py build --data F.jsonl --model Qwen2.5-VL-7B-Instruct --out DIR --device cuda --batch-size 256
+    torchrun --standalone --nproc_per_node=8 prepare.py score --data F.jsonl --model Qwen2.5-VL-7B-Instruct --samples 8
     .venv/bin/python -m pytest -q tests/test_prepare.py
 
 `build` validates every record (a bad one stops the build, or with --skip-bad is listed in the manifest: nothing is
@@ -84,18 +85,26 @@ class ScoreOptions:
     temperature: float = field(default=1.0, metadata={"min": 0, "help": "sampling temperature"})
     max_new_tokens: int = field(default=256, metadata={"min": 1, "help": "token limit per sample"})
     seed: int = field(default=0, metadata={"help": "sampling seed (per record: seed + line)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ... (torchrun: one GPU per rank)"})
     min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = the model folder's"})
     max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = the model folder's"})
+    workers: int = field(default=4, metadata={"min": 0, "help": "threads decoding and preprocessing the next records' images"})
 
 
 def resolve_device(name):
+    """auto = CUDA when there is one, else cpu. A bare "cuda" (and auto) is cuda:LOCAL_RANK, so every rank of a
+    torchrun gets its own GPU; a CUDA device is made the current one, since CUDA graphs, compiled kernels and NCCL
+    run on the current device whatever tensor they are handed."""
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
         raise DataError(f"--device: expected auto, cpu, cuda or cuda:N, found {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError(f"--device: expected a device this machine has, found {name!r} (torch sees no CUDA GPU)")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     return device
 
 
@@ -682,8 +691,9 @@ def score(opts):
     import eval as evaluation   # lazy: eval.py imports this file for the tokenizer and template
     out = evaluation.score_file(opts.model, opts.data, samples=opts.samples, out_file=opts.out,
                                 temperature=opts.temperature, max_new_tokens=opts.max_new_tokens, seed=opts.seed,
-                                device=opts.device, pixels=(opts.min_pixels, opts.max_pixels))
-    print(f"score: wrote {out}")
+                                device=opts.device, pixels=(opts.min_pixels, opts.max_pixels), workers=opts.workers)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"score: wrote {out}")
 
 
 # ---- synthetic dataset: three toy tasks in the spirit of the paper ----
@@ -914,3 +924,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     run_main(main)
+    if torch.distributed.is_initialized():   # score under torchrun
+        torch.distributed.destroy_process_group()

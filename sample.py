@@ -77,6 +77,7 @@ class Bundle:
     vision_norm: float = None       # gap.json: mean norm of the training targets (informational)
     path: str = ""
     pixels: tuple = (gapmodel.DEFAULT_MIN_PIXELS, gapmodel.DEFAULT_MAX_PIXELS, "defaults")  # prepare.resolve_pixels
+    trunks: dict = field(default_factory=dict)   # get_trunk: the eager / compiled decode step, built once
 
     @property
     def device(self):
@@ -220,9 +221,10 @@ def feedback(bundle, mode, h, ema, generator):
     return ema(v) if ema is not None else v
 
 
-def image_ema(bundle, x, input_ids):
+def image_ema(bundle, x, input_ids, n_samples=1):
     """EMANorm whose mean is the per-row mean norm of that row's query-image embeddings: one EMANorm per row is
-    seeded (latent_head's API), and their tensor means are stacked into a (B, 1) mean that broadcasts over the batch."""
+    seeded (latent_head's API), and their tensor means are stacked into a (B, 1) mean that broadcasts over the batch
+    (each prompt's mean repeated n_samples times when its cache rows are)."""
     is_image = input_ids == bundle.model.cfg.image_token_id
     means = []
     for b in range(x.shape[0]):
@@ -230,7 +232,7 @@ def image_ema(bundle, x, input_ids):
         e.seed(x[b][is_image[b]])                   # (n_img, D) merged ViT embeddings as placed in the sequence
         means.append(e.mean)
     ema = latent_head.EMANorm()
-    ema.mean = torch.stack(means)[:, None]          # (B, 1)
+    ema.mean = torch.stack(means).repeat_interleave(n_samples)[:, None]   # (B, 1)
     return ema
 
 
@@ -301,43 +303,122 @@ def finish_rows(bundle, toks, is_lat, norms, valid, hidden=None, latents=None):
     return rows
 
 
+def next_inputs(bundle, mode, state, h, logits, bias, n_latents, temperature, top_p, ema, gen):
+    """THE generation step, shared by generate, the naive oracle and bench.py: from h̄ (B, D) and its logits (B, V)
+    decide every row's next position -> (token (B,), use_latent (B,), valid (B,), v (B, D) fed-back latent, inp (B, D)
+    the next input embedding: v for rows in a latent span, the token's embedding for the others)."""
+    m = bundle.model
+    v = feedback(bundle, mode, h, ema, gen).to(m.lm_head.weight.dtype)       # (B, D) in the trunk dtype
+    tok, use_latent, valid = state.step(bundle, logits, bias, n_latents, temperature, top_p, gen)
+    inp = torch.where(use_latent[:, None], v, m.model.embed_tokens(tok))     # (B, D)
+    return tok, use_latent, valid, v, inp
+
+
+def trunk_step(m, inp, pos, input_pos, cache_mask, kv_len):
+    """One position for every row through the cached trunk: input embedding (B, D) at cache slot input_pos (1,) with
+    M-RoPE positions (3, B, 1), reading the first kv_len cache slots -> h̄ (B, D), logits (B, V) in fp32."""
+    h = m.decode(inp[:, None], pos, cache_mask, input_pos=input_pos, kv_len=kv_len)[:, 0]
+    return h, m.lm_head(h).float()
+
+
+def kv_bucket(n):
+    """Cache lengths and per-step read lengths rounded up to a power of two (>= 256): a whole eval then allocates a
+    few cache shapes and compiles / graph-captures a few step shapes, not one per prompt, and a step reads at most
+    2x the slots it needs (at 7B, batch 1, 2k slots of K/V are 117 MB against 15 GB of weights)."""
+    return max(256, 1 << (n - 1).bit_length())
+
+
+class Trunk:
+    """trunk_step, eager or compiled. On CUDA the compiled step is torch.compile(mode="reduce-overhead"): CUDA graphs
+    replay the ~1.4k kernel launches of a 7B step (~7 ms of host time, above the 4.2 ms HBM bound) as one. kv_len is
+    the only shape that changes within a call; torch.compile makes it symbolic after its second value, and a graph
+    is captured per bucket. Anything failing in compilation (no Triton, no C compiler) falls back to eager once,
+    with a one-line warning."""
+
+    def __init__(self, m, compile):
+        self.m, self.cuda = m, m.lm_head.weight.device.type == "cuda"
+        self.fn = None
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            mode = "reduce-overhead" if self.cuda and backend == "inductor" else None
+            self.fn = torch.compile(trunk_step, backend=backend, mode=mode, fullgraph=True)
+
+    @property
+    def compiled(self):
+        return self.fn is not None
+
+    def __call__(self, *args):
+        if self.fn is not None:
+            try:
+                if self.cuda:
+                    torch.compiler.cudagraph_mark_step_begin()   # the previous step's outputs are consumed
+                return self.fn(self.m, *args)
+            except Exception as e:   # compile-time failures of any kind: the eager step computes the same thing
+                print(f"warning: compiled decode step failed, running eagerly ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
+                self.fn = None
+        return trunk_step(self.m, *args)
+
+
+def get_trunk(bundle, compile=None):
+    """The bundle's decode step, built once per setting. compile: None = on CUDA only, False, True (inductor), or a
+    torch.compile backend name (tests use "eager" / "aot_eager" to check graph capture without a C compiler)."""
+    if compile is None:
+        compile = bundle.device.type == "cuda"
+    key = compile if isinstance(compile, str) else bool(compile)
+    if key not in bundle.trunks:
+        bundle.trunks[key] = Trunk(bundle.model, compile)
+    return bundle.trunks[key]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ---- generation ----
 
 
 @torch.no_grad()
 def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperature=0.0, top_p=1.0, n_latents=None,
-             ema_norm=False, seed=0, debug=False):
-    """Batched generation. images: PIL images or paths; questions: strings. Returns one dict per row:
-    {"text" (spans as "<latent>"), "token_ids" (latent positions as <|latent_pad|>), "latent_spans": [{"count",
-    "mean_norm"}], "n_generated" (positions, latents included)}; debug=True adds "hidden" and "latents" tensors."""
+             ema_norm=False, seed=0, debug=False, n_samples=1, prompts=None, compile=None):
+    """Batched generation. images: PIL images or paths; questions: strings (or prompts: encode_prompts' output,
+    prepared ahead, e.g. on a thread pool, with images and questions None). n_samples > 1 prefills each prompt once
+    and copies its cache rows: the result then holds n_samples rows per prompt, prompt-major. compile: see get_trunk.
+    Returns one dict per row: {"text" (spans as "<latent>"), "token_ids" (latent positions as <|latent_pad|>),
+    "latent_spans": [{"count", "mean_norm"}], "n_generated" (positions, latents included)}; debug=True adds "hidden"
+    and "latents" tensors."""
     check_mode(bundle, mode)
-    m, dev, B = bundle.model, bundle.device, len(images)
+    m, dev = bundle.model, bundle.device
     N = bundle.n_latents if n_latents is None else int(n_latents)
-    if N < 0 or max_new_tokens < 1:
-        raise ValueError(f"n_latents must be >= 0 and max_new_tokens >= 1 (got {N}, {max_new_tokens})")
+    if N < 0 or max_new_tokens < 1 or n_samples < 1:
+        raise ValueError(f"n_latents must be >= 0, max_new_tokens and n_samples >= 1 (got {N}, {max_new_tokens}, "
+                         f"{n_samples})")
     gen = torch.Generator(device=dev).manual_seed(seed)
-    rows = encode_prompts(bundle, images, questions)
+    rows = prompts if prompts is not None else encode_prompts(bundle, images, questions)
+    trunk = get_trunk(bundle, compile)
+    n, Bu = n_samples, len(rows)
+    B = Bu * n
 
-    # ---- left-padded prefill ----
+    # ---- left-padded prefill, once per prompt ----
     T0 = max(len(r[0]) for r in rows)
-    input_ids = torch.full((B, T0), bundle.ids["endoftext"], dtype=torch.long)
-    mask = torch.zeros(B, T0, dtype=torch.long)
+    input_ids = torch.full((Bu, T0), bundle.ids["endoftext"], dtype=torch.long)
+    mask = torch.zeros(Bu, T0, dtype=torch.long)
     for b, (p, _, _) in enumerate(rows):
         input_ids[b, T0 - len(p):] = torch.tensor(p)
         mask[b, T0 - len(p):] = 1
     input_ids, mask = input_ids.to(dev), mask.to(dev)
     pixel_values = torch.cat([r[1] for r in rows]).to(dev)
     grid = torch.cat([r[2] for r in rows]).to(dev)
-    x = m.embed(input_ids, pixel_values, grid)                                  # (B, T0, D)
-    pos, rope_deltas = m.position_ids(input_ids, grid, mask)                    # (3, B, T0), (B,)
-    ema = image_ema(bundle, x, input_ids) if ema_norm else None
-    S = T0 + max_new_tokens                                                     # every slot we can ever write
+    x = m.embed(input_ids, pixel_values, grid)                                  # (Bu, T0, D)
+    pos, rope_deltas = m.position_ids(input_ids, grid, mask)                    # (3, Bu, T0), (Bu,)
+    ema = image_ema(bundle, x, input_ids, n) if ema_norm else None
+    S = kv_bucket(T0 + max_new_tokens)                                          # every slot we can ever write
     m.setup_cache(B, S, device=dev)
     # later slots are real for every row (finished rows write harmless pads); causality hides future slots
-    cache_mask = torch.cat([mask, torch.ones(B, max_new_tokens, dtype=mask.dtype, device=dev)], dim=1)  # (B, S)
+    cache_mask = torch.cat([mask, torch.ones(Bu, S - T0, dtype=mask.dtype, device=dev)], dim=1)  # (Bu, S)
     try:
-        h = m.decode(x, pos, cache_mask, input_pos=torch.arange(T0, device=dev))[:, -1]   # (B, D) h̄ at the last slot
+        h = m.decode(x, pos, cache_mask, input_pos=torch.arange(T0, device=dev))[:, -1]   # (Bu, D) h̄ at the last slot
+        if n > 1:                                   # prompt b's cache rows -> rows b*n .. b*n + n - 1
+            m.spread_cache(n, T0)
+            h, cache_mask, rope_deltas = (t.repeat_interleave(n, dim=0) for t in (h, cache_mask, rope_deltas))
+        logits = m.lm_head(h).float()                                           # (B, V)
 
         # ---- decode: one position per row per step, text and latent rows in the same step ----
         state, bias = LoopState(B, dev), logit_bias(bundle, mode, dev)
@@ -347,11 +428,10 @@ def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperat
         norms = torch.zeros(B, max_new_tokens, device=dev)
         hidden = torch.zeros(B, max_new_tokens, h.shape[-1], device=dev) if debug else None
         lat_out = torch.zeros(B, max_new_tokens, h.shape[-1], device=dev) if debug else None
-        slots = torch.arange(T0, S, device=dev)                                 # cache slot of each step's input
+        slots = torch.arange(S, device=dev)                                     # cache slot of each step's input
         for i in range(max_new_tokens):
-            logits = m.lm_head(h).float()                                        # (B, V)
-            v = feedback(bundle, mode, h, ema, gen).to(x.dtype)                 # (B, D) in the trunk dtype
-            tok, use_latent, ok = state.step(bundle, logits, bias, N, temperature, top_p, gen)
+            tok, use_latent, ok, v, inp = next_inputs(bundle, mode, state, h, logits, bias, N, temperature, top_p,
+                                                      ema, gen)
             toks[:, i], is_lat[:, i], valid[:, i] = tok, use_latent, ok
             norms[:, i] = v.float().norm(dim=-1)
             if debug:
@@ -360,11 +440,14 @@ def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperat
                 break                                                           # the last choice needs no forward
             if i % EARLY_EXIT_EVERY == EARLY_EXIT_EVERY - 1 and bool(state.done.all()):
                 break
-            inp = torch.where(use_latent[:, None], v, m.model.embed_tokens(tok))  # (B, D)
-            step_pos = (T0 + i + rope_deltas).view(1, B, 1).expand(3, B, 1)    # (3, B, 1) text position on all axes
-            h = m.decode(inp[:, None], step_pos, cache_mask, input_pos=slots[i:i + 1])[:, 0]   # (B, D)
+            s = T0 + i                                                          # this input's cache slot
+            step_pos = (s + rope_deltas).view(1, B, 1).expand(3, B, 1)          # (3, B, 1) text position on all axes
+            # a compiled step reads a bucketed prefix (few shapes); eager reads exactly the slots written so far
+            kv_len = kv_bucket(s + 1) if trunk.compiled else s + 1
+            h, logits = trunk(inp, step_pos, slots[s:s + 1], cache_mask, kv_len)   # (B, D), (B, V)
     finally:
-        m.clear_cache()
+        if not trunk.compiled:
+            m.clear_cache()             # a compiled step keeps the buffers: its CUDA graphs hold their addresses
     return finish_rows(bundle, toks, is_lat, norms, valid, hidden, lat_out)
 
 
@@ -372,7 +455,7 @@ def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperat
 def generate_naive(bundle, image, question, mode="pca", max_new_tokens=256, temperature=0.0, top_p=1.0,
                    n_latents=None, ema_norm=False, seed=0, debug=False):
     """The oracle: one row, no cache, the whole sequence of input embeddings re-run through the trunk each step,
-    with the same state machine and feedback. Returns the same dict as generate() for that row."""
+    with the same generation step (next_inputs). Returns the same dict as generate() for that row."""
     check_mode(bundle, mode)
     m, dev = bundle.model, bundle.device
     N = bundle.n_latents if n_latents is None else int(n_latents)
@@ -387,14 +470,12 @@ def generate_naive(bundle, image, question, mode="pca", max_new_tokens=256, temp
     toks, is_lat, valid, norms, hidden, lat_out = [], [], [], [], [], []
     for i in range(max_new_tokens):
         h = m.decode(x, pos)[:, -1]                                             # (1, D) recomputed from scratch
-        logits = m.lm_head(h).float()
-        v = feedback(bundle, mode, h, ema, gen).to(x.dtype)
-        tok, use_latent, ok = state.step(bundle, logits, bias, N, temperature, top_p, gen)
+        tok, use_latent, ok, v, inp = next_inputs(bundle, mode, state, h, m.lm_head(h).float(), bias, N,
+                                                  temperature, top_p, ema, gen)
         toks.append(tok), is_lat.append(use_latent), valid.append(ok), norms.append(v.float().norm(dim=-1))
         hidden.append(h.float()), lat_out.append(v.float())
         if bool(state.done[0]) or i == max_new_tokens - 1:
             break
-        inp = torch.where(use_latent[:, None], v, m.model.embed_tokens(tok))
         x = torch.cat([x, inp[:, None]], dim=1)                                 # (1, T + 1, D)
         nxt = (T0 + i + rope_deltas).view(1, 1, 1).expand(3, 1, 1)
         pos = torch.cat([pos, nxt], dim=2)                                      # (3, 1, T + 1)

@@ -182,9 +182,9 @@ def test_score_file_resumes(folder, bundle, jsonl, tmp_path, monkeypatch):
     out.write_text(json.dumps(first[0]) + "\n" + json.dumps(first[1])[:20])
     calls = []
     real = sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(a[2][0]) or real(*a, **k))
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
     gapeval.score_file(folder, jsonl, **kw)
-    assert calls == [ts.Q_B, "Which?"]                      # only r1 and r2 were sampled again
+    assert calls == [1, 2]                                  # only r1 and r2 (seed + line) were sampled again
     assert [json.loads(l) for l in out.read_text().splitlines()] == first   # and drew the same samples
 
 

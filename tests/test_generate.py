@@ -100,3 +100,111 @@ def test_vision_mixed_sizes_unpadded(m):
     together = m.visual(pv, grid)
     alone = torch.cat([m.visual(p, g) for p, g in pre])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+# ---- generation: every mode against the naive oracle, compiled == eager, prefill once for N samples ----
+
+import sample                                                                  # noqa: E402
+from test_sample import N, Q_A, Q_B, STEPS, tiny_folder                        # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("generate"))
+
+
+@pytest.mark.parametrize("kind,mode", [("pca", "zero"), ("full", "full")])
+def test_cached_matches_naive_remaining_modes(root, kind, mode):
+    # test_sample covers pca, raw and noise; these are the other two
+    b = sample.load(tiny_folder(root, kind))
+    img = image(56, 56, 1)
+    got = sample.generate(b, [img], [Q_A], mode=mode, max_new_tokens=STEPS, debug=True)[0]
+    ref = sample.generate_naive(b, img, Q_A, mode=mode, max_new_tokens=STEPS, debug=True)
+    assert got["token_ids"] == ref["token_ids"] and got["text"] == ref["text"]
+    assert (mode == "zero") == (got["latent_spans"] == [])
+    torch.testing.assert_close(got["hidden"], ref["hidden"], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_step_equals_eager(root):
+    """torch.compile(fullgraph=True) of the decode step (aot_eager: graph capture and functionalisation without a C
+    compiler; inductor on CPU takes ~60 s to compile, over this suite's budget) against the eager step. A 336x392
+    image puts the prompt at 248 tokens, so the steps cross the 256-slot bucket: kv_len changes mid-run."""
+    b = sample.load(tiny_folder(root, "pca"))
+    imgs, qs = [image(392, 336, 1), image(84, 56, 2)], [Q_A, Q_B]
+    kw = dict(mode="pca", max_new_tokens=STEPS, debug=True, temperature=1.0, seed=5)
+    eager = sample.generate(b, imgs, qs, compile=False, **kw)
+    compiled = sample.generate(b, imgs, qs, compile="aot_eager", **kw)
+    assert sample.get_trunk(b, "aot_eager").compiled, "the compiled step fell back to eager"
+    for e, c in zip(eager, compiled):
+        assert e["token_ids"] == c["token_ids"]
+        torch.testing.assert_close(c["hidden"], e["hidden"], atol=1e-5, rtol=1e-5)
+    T0 = len(sample.encode_prompts(b, imgs, qs)[0][0])
+    assert T0 < 256 < T0 + eager[0]["n_generated"], T0                          # the bucket boundary was crossed
+
+
+def test_n_samples_prefill_once_equals_repeated_prompts(root):
+    b = sample.load(tiny_folder(root, "pca"))
+    kw = dict(mode="pca", max_new_tokens=STEPS, temperature=1.0, top_p=0.9, seed=7, debug=True)
+    imgs, qs = [image(56, 56, 1), image(84, 56, 2)], [Q_A, Q_B]
+    once = sample.generate(b, imgs, qs, n_samples=3, **kw)
+    repeated = sample.generate(b, [i for i in imgs for _ in range(3)], [q for q in qs for _ in range(3)], **kw)
+    assert len(once) == 6
+    for o, r in zip(once, repeated):
+        assert o["token_ids"] == r["token_ids"]
+        torch.testing.assert_close(o["hidden"], r["hidden"], atol=1e-5, rtol=1e-5)
+    assert len({tuple(o["token_ids"]) for o in once[:3]}) > 1                   # the samples really differ
+
+
+# ---- torchrun: 2 gloo ranks write the files one process writes ----
+
+import json                                                                    # noqa: E402
+import os                                                                      # noqa: E402
+import re                                                                      # noqa: E402
+import subprocess                                                              # noqa: E402
+import sys                                                                     # noqa: E402
+from pathlib import Path                                                       # noqa: E402
+
+import eval as gapeval                                                         # noqa: E402
+import prepare                                                                 # noqa: E402
+from test_eval import folder, jsonl                                            # noqa: E402,F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(tmp_path, *argvs, nproc=2):
+    """Each argv list (eval.py's, or prepare.py's starting with "score") run in turn by every rank of one torchrun:
+    one launch, so the 2 cores pay for importing torch once per rank."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport eval, prepare\n"
+                      + "".join(f"{'prepare' if a[0] == 'score' else 'eval'}.main({a!r})\n" for a in argvs)
+                      + "import torch.distributed as dist\ndist.destroy_process_group()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(driver)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def without_timing(text):
+    """Wall-clock fields differ between any two runs, one process or many; everything else must not."""
+    text = re.sub(r'"latency_s": [-0-9.e]+', '"latency_s": 0', text)
+    return re.sub(r'"(mean|p50|p90|samples_per_s)": [-0-9.e]+', r'"\1": 0', text)
+
+
+def test_torchrun_eval_and_score_equal_one_process(folder, jsonl, tmp_path):
+    common = ["--model", str(folder), "--data", str(jsonl), "--modes", "pca,zero", "--latents", "2",
+              "--batch-size", "2", "--max-new-tokens", "6", "--temperature", "1.0", "--device", "cpu"]
+    score = ["score", "--model", str(folder), "--data", str(jsonl), "--samples", "3", "--max-new-tokens", "4",
+             "--device", "cpu"]
+    gapeval.main(common + ["--out", str(tmp_path / "one")])
+    prepare.main(score + ["--out", str(tmp_path / "one.jsonl")])
+    torchrun(tmp_path, common + ["--out", str(tmp_path / "two")], score + ["--out", str(tmp_path / "two.jsonl")])
+
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir())         # no part files left over
+    assert "predictions-pca-3.jsonl" in names and "results.json" in names
+    for name in names:
+        one, two = (without_timing((tmp_path / d / name).read_text()) for d in ("one", "two"))
+        assert one == two.replace(str(tmp_path / "two"), str(tmp_path / "one")), name
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
+    assert [json.loads(l)["id"] for l in (tmp_path / "two.jsonl").read_text().splitlines()] == ["r0", "r1", "r2"]
+    assert not list(tmp_path.glob("two.jsonl.part*"))
