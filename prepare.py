@@ -6,6 +6,7 @@ The tokenizer/template half is a library (train.py, sample.py and eval.py import
     python prepare.py build --data F.jsonl --model CKPT --out DIR [--latents 36] [--pca-variance 0.95] [--skip-bad]
     python prepare.py build --data F.jsonl --model Qwen2.5-VL-7B-Instruct --out DIR --device cuda --batch-size 256
     torchrun --standalone --nproc_per_node=8 prepare.py score --data F.jsonl --model Qwen2.5-VL-7B-Instruct --samples 8
+    python prepare.py convert --from monet|bbox --data F.json --images DIR --out F.jsonl   # public data (convert.py)
     .venv/bin/python -m pytest -q tests/test_prepare.py
 
 `build` validates every record (a bad one stops the build, or with --skip-bad is listed in the manifest: nothing is
@@ -918,6 +919,11 @@ def main(argv=None):
         sp = sub.add_parser(name, help=help_, description=help_)
         add_options(sp, cls)
         sp.set_defaults(cls=cls, fn=fn)
+    import convert   # lazy: convert.py imports this file
+    sp = sub.add_parser("convert", help="Monet SFT / box-grounded CoT -> gap JSONL", description=convert.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_arguments(sp)
+    sp.set_defaults(cls=convert.ConvertOptions, fn=convert.convert)
     args = parser.parse_args(argv)
     return args.fn(args.cls(**{f.name: getattr(args, f.name) for f in fields(args.cls)}))
 

@@ -1,0 +1,407 @@
+"""Public data in gap's JSONL format: Monet-SFT-125K and box-grounded visual CoT (LVR / Visual-CoT), streamed.
+
+    python prepare.py convert --from monet --data Monet-SFT-125K/Visual_CoT/train.json --images Monet-SFT-125K \\
+        --out data/monet/Visual_CoT.jsonl
+    python prepare.py convert --from bbox --data lvr_stage1.json --images IMAGE_FOLDER --out data/lvr/train.jsonl
+    .venv/bin/python -m pytest -q tests/test_convert.py
+
+Every input record becomes one gap record (`id, image, question, response, aux_images, answer, accuracy`, absolute
+paths) or is dropped with a reason: each drop is printed on stderr and listed in OUT.dropped (JSON lines), nothing
+is lost silently. A record that breaks the input layout itself (a missing or mistyped
+field) stops the run with one line naming the file, the line, the record id and the field. `accuracy` is left
+null: `prepare.py score` fills it with the base model's mean accuracy over 8 samples. Ids are stable (taken from
+the record, else "<folder>-<index>"), OUT is written to OUT.tmp and renamed at the end, and the input is read one
+record at a time: JSONL line by line, a top-level JSON array (Monet's train.json) by an incremental decoder that
+holds one 1 MB chunk plus the record being parsed, so a 125K-record file is never in memory at once.
+"""
+import json
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+import model
+import prepare
+from model import DataError, data_error
+from prepare import LATENT_PLACEHOLDER, BadRecord
+
+LAYOUTS = ("monet", "bbox")
+
+# ---- options and errors ----
+
+
+@dataclass
+class ConvertPaths:
+    data: str = field(metadata={"help": "input: a JSON array (Monet's train.json) or JSONL, one record per line"})
+    images: str = field(metadata={"help": "folder the records' image paths are relative to (Monet: the dataset "
+                                          "root; LVR: --image_folder)"})
+    out: str = field(metadata={"help": "output JSONL; bbox crops go to OUT-crops/, the dropped list to OUT.dropped"})
+
+
+@dataclass
+class ConvertOptions(ConvertPaths):
+    source: str = field(metadata={"help": "input layout: monet | bbox"})
+
+
+def add_arguments(parser):
+    """Flags from the dataclasses like every gap script, except `--from` (a Python keyword: dest `source`)."""
+    parser.add_argument("--from", dest="source", required=True, choices=LAYOUTS,
+                        help=ConvertOptions.__dataclass_fields__["source"].metadata["help"])
+    prepare.add_options(parser, ConvertPaths)
+
+
+class Malformed(Exception):
+    """The record breaks the input layout (not just unusable for gap): the run stops with a one-line error."""
+
+    def __init__(self, field_, reason):
+        super().__init__(reason)
+        self.field, self.reason = field_, reason
+
+
+def _type(v):
+    return f"{json.dumps(v)[:40]} ({type(v).__name__})"
+
+
+def _need(obj, key, kind, at):
+    """obj[key] of Python type `kind`, else Malformed naming the field path `at`."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise Malformed(at, f"expected a {kind.__name__}, found nothing")
+    if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+        raise Malformed(at, f"expected a {kind.__name__}, found {_type(obj[key])}")
+    return obj[key]
+
+
+# ---- streaming reader: JSONL or one top-level JSON array ----
+
+CHUNK = 1 << 20   # characters per read; a record is parsed once it is whole in the buffer
+_WS = re.compile(r"\s*")
+
+
+def read_records(path):
+    """Yield (line where the record starts, index from 0, parsed value). Invalid JSON raises DataError."""
+    with open(path, encoding="utf-8") as f:
+        buf = f.read(CHUNK)
+        if buf.lstrip()[:1] != "[":   # JSONL (Monet's own loader takes both; LVR ships JSON arrays)
+            f.seek(0)
+            index = 0
+            for line, text in enumerate(f, 1):
+                if text.strip():
+                    try:
+                        yield line, index, json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise data_error(path, "json", f"expected one JSON value per line, found invalid JSON "
+                                                       f"({e.msg} at column {e.colno})", line) from None
+                    index += 1
+            return
+        yield from _read_array(f, buf, path)
+
+
+def _read_array(f, buf, path):
+    """The values of a top-level JSON array, one at a time, via json's raw_decode on a sliding buffer."""
+    dec, pos = json.JSONDecoder(), buf.index("[") + 1
+    line, eof, index, expect = 1 + buf.count("\n", 0, pos), False, 0, "value or ]"
+
+    def refill():   # drop what is parsed, read more (at least as much again: a huge record costs O(n log n))
+        nonlocal buf, pos, eof
+        more = f.read(max(CHUNK, len(buf) - pos))
+        eof = not more
+        buf, pos = buf[pos:] + more, 0
+
+    while True:
+        start = _WS.match(buf, pos).end()
+        line, pos = line + buf.count("\n", pos, start), start
+        if pos == len(buf):
+            if eof:
+                raise data_error(path, "json", f"expected {expect}, found the end of the file", line)
+            refill()
+            continue
+        c = buf[pos]
+        if c == "]" and expect != "value":
+            return
+        if expect == ", or ]":
+            if c != ",":
+                raise data_error(path, "json", f"expected , or ] after record {index - 1}, found {c!r}", line)
+            pos, expect = pos + 1, "value"
+            continue
+        try:
+            obj, end = dec.raw_decode(buf, pos)
+        except json.JSONDecodeError as e:
+            # the record runs past the buffer (the error sits at its end, or a string is open): read on
+            if not eof and (e.pos > len(buf) - 16 or e.msg.startswith("Unterminated string")):
+                refill()
+                continue
+            at = line + e.lineno - 1 - buf.count("\n", 0, pos)   # e.lineno counts from the buffer's start
+            raise data_error(path, "json", f"expected record {index} as JSON, found invalid JSON ({e.msg} at line "
+                                           f"{at})", line) from None
+        if end == len(buf) and not eof:   # a number or literal may continue in the next chunk: parse it again
+            refill()
+            continue
+        yield line, index, obj
+        line, pos, index, expect = line + buf.count("\n", pos, end), end, index + 1, ", or ]"
+
+
+# ---- Monet-SFT-125K ----
+# Layout followed: Monet's SFT loader, https://github.com/NOVAglow646/Monet/blob/main/src/task.py
+# (avt_single_input_images_preprocess_function) and the dataset https://huggingface.co/datasets/NOVAglow646/
+# Monet-SFT-125K (one <subset>/train.json per source, a JSON array). A record is
+#   {"metadata": {"dataset_name": "Visual_CoT", "sample_id": 17},
+#    "data": [{"role": "system", "content": [{"type": "text", "text": ...}]},
+#             {"role": "user", "content": [{"type": "image", "image_file_name": "Visual_CoT/images/..."},
+#                                          {"type": "text", "text": question}]},
+#             {"role": "assistant", "content": [{"type": "text", "text": "... <abs_vis_token></abs_vis_token>"},
+#                                               {"type": "image", "image_file_name": aux image},
+#                                               {"type": "text", "text": "<observation>...</observation> ...
+#                                                                         \\boxed{answer}"}]}]}
+# with image paths relative to the dataset root. Monet's loader drops an assistant image whose preceding text
+# lacks <abs_vis_token></abs_vis_token> and strips <observation> tags that come before any auxiliary image; so
+# does this converter. "image" is accepted as the path key too (the key Monet's loader rewrites it to).
+
+ABS_VIS = "<abs_vis_token></abs_vis_token>"
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def _image_path(part, at):
+    for key in ("image_file_name", "image"):
+        if key in part:
+            return _need(part, key, str, f"{at}.{key}")
+    raise Malformed(f"{at}.image_file_name", "expected a string path, found nothing")
+
+
+def _parts(turn, at):
+    """-> [(kind, value)] of one turn: ("text", str) or ("image", path)."""
+    out = []
+    for j, part in enumerate(_need(turn, "content", list, f"{at}.content")):
+        kind = _need(part, "type", str, f"{at}.content[{j}].type")
+        if kind == "text":
+            out.append(("text", _need(part, "text", str, f"{at}.content[{j}].text")))
+        elif kind == "image":
+            out.append(("image", _image_path(part, f"{at}.content[{j}]")))
+        else:
+            raise Malformed(f"{at}.content[{j}].type", f"expected 'text' or 'image', found {kind!r}")
+    return out
+
+
+def monet_id(obj, index, folder):
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if isinstance(meta, dict) and meta.get("sample_id") is not None:
+        return f"{meta.get('dataset_name') or folder}-{meta['sample_id']}"
+    return f"{folder}-{index}"
+
+
+def convert_monet(obj, images, index, crops):
+    """One Monet record -> (question image, question, response, aux images, answer); raises Malformed/BadRecord."""
+    if not isinstance(obj, dict):
+        raise Malformed("record", f"expected an object with 'data', found {_type(obj)}")
+    turns = _need(obj, "data", list, "data")
+    by_role = {}
+    for t, turn in enumerate(turns):
+        by_role.setdefault(_need(turn, "role", str, f"data[{t}].role"), []).append((t, turn))
+    for role in ("user", "assistant"):
+        if len(by_role.get(role, [])) != 1:
+            raise BadRecord("data", f"expected one {role} turn, found {len(by_role.get(role, []))}")
+    (tu, user), (ta, assistant) = by_role["user"][0], by_role["assistant"][0]
+    upart = _parts(user, f"data[{tu}]")
+    qimages = [v for k, v in upart if k == "image"]
+    if len(qimages) != 1:
+        raise BadRecord(f"data[{tu}].content", f"expected 1 question image, found {len(qimages)}")
+    question = "".join(v for k, v in upart if k == "text").strip()
+
+    # assistant: "<abs_vis_token></abs_vis_token>" + image -> "<latent>"; <observation> -> <parser>
+    text, aux, last = "", [], None   # last: the previous part when it was text (Monet checks that one)
+    for k, v in _parts(assistant, f"data[{ta}]"):
+        if k == "image":
+            if last is None or ABS_VIS not in last:
+                raise BadRecord(f"data[{ta}].content", f"aux image {len(aux)} is not preceded by {ABS_VIS}")
+            cut = text.rfind(ABS_VIS)
+            text, last = text[:cut] + LATENT_PLACEHOLDER + text[cut + len(ABS_VIS):], None
+            aux.append(v)
+        else:
+            if not aux:   # an observation before any aux image observes nothing: Monet strips the tags
+                v = v.replace("<observation>", "").replace("</observation>", "")
+            text, last = text + v, v
+    if ABS_VIS in text:
+        raise BadRecord(f"data[{ta}].content", f"{ABS_VIS} not followed by an aux image")
+    answer = last_boxed(text)
+    if answer is None:
+        raise BadRecord(f"data[{ta}].content", "expected a final \\boxed{answer}, found none")
+    text = text.replace("<observation>", "<parser>").replace("</observation>", "</parser>").strip()
+    paths = [os.path.join(images, p) for p in qimages + aux]
+    for p, name in zip(paths, ["image"] + [f"aux_images[{j}]" for j in range(len(aux))]):
+        if not os.path.isfile(p):
+            raise BadRecord(name, f"file not found: {p}")
+    return paths[0], question, f"<think>{text}</think><answer>{answer}</answer>", paths[1:], answer
+
+
+# ---- box-grounded visual CoT (LVR / Visual-CoT) ----
+# Layout followed: LVR's stage-1 SFT data, https://github.com/VincentLeebang/lvr (README "Dataset Preparation";
+# its data is Visual-CoT, https://huggingface.co/datasets/deepcs233/Visual-CoT, re-formatted): a JSON array of
+#   {"dataset": "flickr30k", "question_id": 31593, "image": ["viscot/flickr30k/2618322793.jpg"],
+#    "conversations": [{"from": "human", "value": "<image>\nCan you describe ...?"},
+#                      {"from": "gpt", "value": "<lvr>\n<answer> The child ... </answer>"}],
+#    "bboxes": [[0.382, 0.456, 0.718, 0.656]]}
+# LLaVA-style turns; boxes [x0, y0, x1, y1] normalised by the image's width and height (a box with a value > 1 is in
+# pixels, as LVR's loader reads it); the i-th <lvr> placeholder is the i-th box's latent span (none: every box's
+# span opens the response). Each box's crop of the question image is written to OUT-crops/ and becomes the aux
+# image, so the latent target is the zoomed region. Visual-CoT's raw viscot_363k.json (boxes normalised on the
+# image padded to a square, the crop as a second "path###[box]" image) is a different layout and is not read here.
+
+LVR = "<lvr>"
+
+
+def bbox_id(obj, index, folder):
+    if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) and not isinstance(obj.get("id"), bool):
+        return str(obj["id"])
+    if isinstance(obj, dict) and isinstance(obj.get("question_id"), (str, int)):
+        return f"{obj.get('dataset') or folder}-{obj['question_id']}"
+    return f"{folder}-{index}"
+
+
+def _is_box(b):
+    return isinstance(b, list) and len(b) == 4 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       for x in b)
+
+
+def _box(b, at, w, h):
+    """-> pixel box (x0, y0, x1, y1) clamped to the image; BadRecord when nothing is left."""
+    scale = (1, 1) if max(b) > 1 else (w, h)   # normalised unless some value says pixels
+    x0, y0, x1, y1 = (max(0, min(lim, round(v * s))) for v, s, lim in zip(b, scale * 2, (w, h) * 2))
+    if x1 <= x0 or y1 <= y0:
+        raise BadRecord(at, f"expected a box with area inside the {w}x{h} image, found {b}")
+    return x0, y0, x1, y1
+
+
+def convert_bbox(obj, images, index, crops):
+    if not isinstance(obj, dict):
+        raise Malformed("record", f"expected an object with 'image', 'conversations', 'bboxes', found {_type(obj)}")
+    image = obj.get("image")
+    image = [image] if isinstance(image, str) else image
+    if not isinstance(image, list) or not all(isinstance(p, str) for p in image):
+        raise Malformed("image", f"expected a path or a list of paths, found {_type(obj.get('image'))}")
+    if len(image) != 1:
+        raise BadRecord("image", f"expected 1 question image, found {len(image)}")
+    turns = _need(obj, "conversations", list, "conversations")
+    for t, turn in enumerate(turns):
+        _need(turn, "from", str, f"conversations[{t}].from")
+        _need(turn, "value", str, f"conversations[{t}].value")
+    if [t["from"] for t in turns] != ["human", "gpt"]:
+        raise BadRecord("conversations", f"expected one human and one gpt turn, found {[t['from'] for t in turns]}")
+    boxes = _need(obj, "bboxes", list, "bboxes")
+    for j, b in enumerate(boxes):
+        if not _is_box(b):
+            raise Malformed(f"bboxes[{j}]", f"expected [x0, y0, x1, y1] numbers, found {_type(b)}")
+    question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
+    reply = turns[1]["value"]
+    found = re.findall(r"<answer>(.*?)</answer>", reply, flags=re.S)
+    reasoning = re.sub(r"<answer>.*?</answer>", "", reply, flags=re.S).strip()
+    answer = (found[-1] if found else reasoning.replace(LVR, "")).strip()
+    if not answer:
+        raise BadRecord("conversations[1].value", "expected an answer, found an empty reply")
+    if not found:
+        reasoning = LVR * reasoning.count(LVR)   # a bare reply is the answer itself; keep only its spans
+    n = reasoning.count(LVR)
+    if n == 0:
+        reasoning = LVR * len(boxes)
+    elif n != len(boxes):
+        raise BadRecord("bboxes", f"expected {n} boxes for {n} {LVR}, found {len(boxes)}")
+    if not boxes:
+        raise BadRecord("bboxes", "expected at least one box, found none")
+    src = Path(images) / image[0]
+    try:
+        img = model.load_image(src)
+    except FileNotFoundError:
+        raise BadRecord("image", f"file not found: {src}") from None
+    except ValueError as e:
+        raise BadRecord("image", f"cannot use the image: {e}") from None
+    w, h = img.size
+    aux, spans = [], []
+    for j, b in enumerate(boxes):
+        x0, y0, x1, y1 = _box(b, f"bboxes[{j}]", w, h)
+        path = crops / f"{index:07d}-{j}.png"   # the input position: stable for the same file, no id clash
+        tmp = path.with_name(path.name + ".tmp.png")
+        img.crop((x0, y0, x1, y1)).convert("RGB").save(tmp)
+        os.replace(tmp, path)
+        aux.append(str(path))
+        spans.append(f"{LATENT_PLACEHOLDER} <parser>the region [{x0 / w:.2f}, {y0 / h:.2f}, {x1 / w:.2f}, "
+                     f"{y1 / h:.2f}] of the image, zoomed in</parser>")
+    pieces = reasoning.split(LVR)
+    text = pieces[0] + "".join(s + p for s, p in zip(spans, pieces[1:]))
+    return str(src), question, f"<think>{text.strip()}</think><answer>{answer}</answer>", aux, answer
+
+
+CONVERTERS = {"monet": (monet_id, convert_monet), "bbox": (bbox_id, convert_bbox)}
+
+
+# ---- the run ----
+
+
+def convert(opts):
+    """Stream opts.data -> opts.out (atomic). Returns {"kept": n, "dropped": [...]}."""
+    data, out, images = Path(opts.data), Path(opts.out), Path(opts.images)
+    if opts.source not in CONVERTERS:
+        raise DataError(f"--from: expected one of {', '.join(LAYOUTS)}, found {opts.source!r}")
+    if not data.is_file():
+        raise data_error(data, "--data", "expected an input file, found none")
+    if not images.is_dir():
+        raise data_error(images, "--images", "expected a folder, found none")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    crops = out.with_name(out.stem + "-crops")
+    if opts.source == "bbox":
+        crops.mkdir(exist_ok=True)
+    make_id, make = CONVERTERS[opts.source]
+    folder = data.resolve().parent.name   # Monet's own fallback dataset name: the subset folder
+    seen, dropped, kept = {}, [], 0
+    # absolute paths (gap resolves a path against the JSONL's folder, and an absolute one stays itself): converted
+    # files can be concatenated or scored into any folder without breaking a path
+    absolute = os.path.abspath   # not resolve(): its lstat per path component was half the run time
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line, index, obj in tqdm(read_records(data), desc="convert", unit="rec", disable=None):
+                rid = make_id(obj, index, folder)
+                try:
+                    if rid in seen:
+                        raise BadRecord("id", f"duplicate of line {seen[rid]}")
+                    image, question, response, aux, answer = make(obj, images, index, crops)
+                    rec = {"id": rid, "image": absolute(image), "question": question, "response": response,
+                           "aux_images": [absolute(a) for a in aux], "answer": answer, "accuracy": None}
+                    prepare._check_fields(rec, out.parent)   # build's own record checks: it passes unchanged
+                except Malformed as e:
+                    raise data_error(data, e.field, e.reason, line, rid) from None
+                except BadRecord as e:
+                    dropped.append({"line": line, "id": rid, "field": e.field, "reason": e.reason})
+                    print(f"dropped: {data_error(data, e.field, e.reason, line, rid)}", file=sys.stderr)
+                    for crop in crops.glob(f"{index:07d}-*.png"):   # a bbox record's crops, if any were written
+                        crop.unlink()
+                    continue
+                seen[rid] = line
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                kept += 1
+    except BaseException:   # a stopped run leaves no half file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    prepare._atomic_text(out.with_name(out.name + ".dropped"),
+                         "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped))
+    why = Counter(d["field"].split("[")[0] for d in dropped)
+    print(f"convert: kept {kept}/{kept + len(dropped)} records -> {out}"
+          + (f"; dropped {len(dropped)} (by field: {', '.join(f'{k} {n}' for k, n in why.most_common())}), listed in "
+             f"{out.name}.dropped" if dropped else ""))
+    return {"kept": kept, "dropped": dropped}
+
+
