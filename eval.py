@@ -93,32 +93,33 @@ class OracleOptions:
 
 
 def read_jsonl(path, need_answer=True):
-    """-> list of records {id, image (path), question, answer, category, choices, response, raw}."""
-    path, records = Path(path), []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(obj).__name__}")
-            rid = obj.get("id", f"line-{lineno}")
-            for name in ("image", "question") + (("answer",) if need_answer else ()):
-                v = obj.get(name)
-                if v is None or (isinstance(v, str) and not v.strip()) or isinstance(v, (dict, list, bool)):
-                    raise ValueError(f"{where}: record {rid!r}: field {name!r} must be a non-empty string, "
-                                     f"found {v!r}")
-            image = path.parent / obj["image"]
-            if not image.is_file():
-                raise ValueError(f"{where}: record {rid!r}: field 'image': {image} does not exist")
-            records.append({"id": str(rid), "image": str(image), "question": obj["question"],
-                            "answer": None if obj.get("answer") is None else str(obj["answer"]),
-                            "category": str(obj.get("category") or "all"), "choices": obj.get("choices"),
-                            "response": obj.get("response"), "raw": obj})
+    """-> list of records {id, image (path), question, answer, category, choices, response, raw}. Ids must be
+    unique: they key the predictions and the scores."""
+    path, records, seen = Path(path), [], {}
+    for lineno, line in prepare.jsonl_lines(path):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise prepare.data_error(path, "json", f"expected valid JSON, found an error ({e})", line=lineno) from None
+        if not isinstance(obj, dict):
+            raise prepare.data_error(path, "record", f"expected a JSON object, found {type(obj).__name__}",
+                                     line=lineno)
+        rid = str(obj.get("id", f"line-{lineno}"))
+        bad = lambda name, what: prepare.data_error(path, name, what, line=lineno, rid=rid)
+        if rid in seen:
+            raise bad("id", f"expected a unique id, found the id of line {seen[rid]} again")
+        seen[rid] = lineno
+        for name in ("image", "question") + (("answer",) if need_answer else ()):
+            v = obj.get(name)
+            if v is None or (isinstance(v, str) and not v.strip()) or isinstance(v, (dict, list, bool)):
+                raise bad(name, f"expected a non-empty string, found {v!r}")
+        image = path.parent / obj["image"]
+        if not image.is_file():
+            raise bad("image", f"expected an image file, found no file at {image}")
+        records.append({"id": rid, "image": str(image), "question": obj["question"],
+                        "answer": None if obj.get("answer") is None else str(obj["answer"]),
+                        "category": str(obj.get("category") or "all"), "choices": obj.get("choices"),
+                        "response": obj.get("response"), "raw": obj})
     return records
 
 
@@ -166,11 +167,16 @@ def read_tsv(path, need_answer=True):
 
 def read_data(path, need_answer=True):
     suffix = Path(path).suffix.lower()
-    if suffix == ".tsv":
-        return read_tsv(path, need_answer)
     if suffix in (".jsonl", ".json"):
         return read_jsonl(path, need_answer)
-    raise ValueError(f"{path}: unknown data format {suffix!r} (expected .jsonl or .tsv)")
+    if suffix != ".tsv":
+        raise prepare.data_error(path, "format", f"expected a .jsonl or .tsv file, found {suffix!r}")
+    records, seen = read_tsv(path, need_answer), set()
+    for r in records:   # the index keys the predictions: a repeated one would mix two questions' results
+        if r["id"] in seen:
+            raise prepare.data_error(path, "index", f"expected unique values, found {r['id']!r} twice")
+        seen.add(r["id"])
+    return records
 
 
 def record_image(rec):
@@ -589,7 +595,7 @@ def norms_main(opts, bundle=None):
     prof["data"] = str(opts.data)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "norms.json").write_text(json.dumps(prof, indent=2) + "\n")
+    prepare._atomic_text(out / "norms.json", json.dumps(prof, indent=2) + "\n")
     plot_norms(prof, out / "norms.png")
     r = prof["out_in_ratio"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}x"
@@ -609,19 +615,26 @@ def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, 
     """Difficulty scoring: sample the base model `samples` times per record (mode zero: a base model has no latent
     head; the prompt is prefilled once and its cache rows copied), grade each with score(), and write a copy of the
     JSONL with `accuracy` = mean correctness per record. Under torchrun records are split over ranks (see above).
-    Resumable: records already in out_file (by id) or in a part file are kept; a torn last line is dropped."""
+    Resumable: records already in out_file (by id) or in a part file are kept; a torn last line is dropped.
+    out_file is replaced at the end, so it may not be data_file nor hold records that data_file lacks."""
     data_file = Path(data_file)
     out_file = Path(out_file) if out_file else data_file.with_name(data_file.stem + ".scored.jsonl")
+    if out_file.resolve() == data_file.resolve():
+        raise prepare.data_error(out_file, "--out", "expected a file other than --data (it is rewritten while "
+                                                    "scoring), found --data itself")
     records = read_jsonl(data_file)
     line_of = {r["id"]: i for i, r in enumerate(records)}
     scored = {}                                               # record index -> scored row
     if out_file.exists():
-        for line in out_file.read_text(encoding="utf-8").splitlines():
+        for lineno, line in enumerate(out_file.read_bytes().split(b"\n"), 1):
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue                                      # the line a crash cut short: re-score that record
-            if isinstance(obj, dict) and obj.get("accuracy") is not None and str(obj.get("id")) in line_of:
+            except ValueError:                                # JSON or UTF-8 error: the line a crash cut short,
+                continue                                      # or a blank one; that record is scored again
+            if isinstance(obj, dict) and str(obj.get("id")) not in line_of:
+                raise prepare.data_error(out_file, "id", f"expected the ids of {data_file} (this file is resumed), "
+                                                         f"found {obj.get('id')!r}, which it lacks", line=lineno)
+            if isinstance(obj, dict) and obj.get("accuracy") is not None:
                 scored[line_of[str(obj.get("id"))]] = obj
     scored.update({p["index"]: p["row"] for p in read_parts(out_file) if {"index", "row"} <= set(p)})
     rank, world, device = dist_setup(device)

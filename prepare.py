@@ -254,7 +254,10 @@ def load_tokenizer(path_or_dir):
     path = path / "tokenizer.json" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:   # tokenizers raises a bare Exception for a truncated or foreign file
+        raise data_error(path, "file", f"expected a tokenizers JSON file, found an unreadable one ({e})") from None
     missing = [t for t in LATENT_TOKENS if tok.token_to_id(t) is None]
     # normalized=False: match the literal string; no lstrip/rstrip, so neighbouring spaces stay ordinary text
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
@@ -465,14 +468,26 @@ def _check_images(rec, opts, vision):
     return int(grid.prod()) // vision.spatial_merge_size ** 2
 
 
+def jsonl_lines(path):
+    """-> (line number, text) of every non-blank line of a JSONL file. Lines end at "\\n" only: str.splitlines()
+    also ends them at U+2028, U+0085, \\x0c ..., which are valid raw inside a JSON string, and would cut one record
+    in two and shift every later line number. A line that is not UTF-8 is an error naming the file and the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:   # a UTF-8 byte-order mark may start the file (some Windows editors write one)
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise data_error(path, "text", f"expected UTF-8, found byte 0x{raw[e.start]:02x} at column "
+                                               f"{e.start + 1}", line=lineno) from None
+            if text.strip():
+                yield lineno, text
+
+
 def read_records(opts, vision, layout=None):
     """Validate every line of opts.data -> (good records with n_image_tokens, skipped, n_records). Blank lines
     are not records; every other line is either kept or reported. layout: see _check_fields."""
     path, good, skipped, seen = Path(opts.data), [], [], {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for lineno, line in jsonl_lines(path):
         obj, rid = None, None
         try:
             try:
@@ -507,8 +522,7 @@ def read_records(opts, vision, layout=None):
 
 
 def format_bad(path, s):
-    who = f" (id {s['id']})" if s["id"] is not None else ""
-    return f"{path} line {s['line']}{who}: field '{s['field']}': {s['reason']}"
+    return str(data_error(path, s["field"], s["reason"], line=s["line"], rid=s["id"]))
 
 
 # ---- latent targets (frozen ViT + merger on the aux images) ----
@@ -588,6 +602,9 @@ def build(opts):
     out, data = Path(opts.out), Path(opts.data)
     if not data.is_file():
         raise FileNotFoundError(f"--data {data}: no such file")
+    if out.resolve() == Path(opts.model).resolve() or data.resolve() == (out / "records.jsonl").resolve():
+        raise data_error(out, "--out", "expected a folder other than --model that does not hold --data (the build "
+                                       "writes tokenizer.json, records.jsonl, ... into it), found one that does")
     cfg = model.Config.from_json(Path(opts.model) / "config.json")
     tok = load_tokenizer(opts.model)
     latent_ids = check_latent_ids(tok, cfg)

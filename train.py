@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -84,6 +84,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     save_every: int = field(default=0, metadata={"min": 0, "help": "checkpoint every N steps (0: only at the end)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoints/last exactly"})
+    allow_config_change: bool = field(default=False, metadata={
+        "help": "with --resume: continue although options that change the result differ from the checkpoint's"})
     stop_after: int = field(default=0,
                             metadata={"min": 0,
                                       "help": "stop after this many steps (simulates an interruption; 0: run all)"})
@@ -137,31 +139,39 @@ class Records:
             hint = " (run `python prepare.py synthetic --out data/synthetic` first)" if "synthetic" in str(folder) else ""
             raise FileNotFoundError(f"{folder}/records.jsonl not found: not a prepared folder{hint}")
         self.folder, self.tau = folder, tau
-        self.manifest = json.loads((folder / "manifest.json").read_text())
-        ids = self.manifest["latent_ids"]
-        self.start_id, self.pad_id, self.end_id = ids["start"], ids["pad"], ids["end"]
-        self.n_latents = self.manifest["n_latents"]
+        try:   # prepare.py writes the manifest last: without it the build did not finish
+            self.manifest = json.loads((folder / "manifest.json").read_text())
+            ids = self.manifest["latent_ids"]
+            self.start_id, self.pad_id, self.end_id = ids["start"], ids["pad"], ids["end"]
+            self.n_latents = self.manifest["n_latents"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise prepare.data_error(folder / "manifest.json", "manifest", "expected the manifest of a finished "
+                                     f"`prepare.py build`, found {type(e).__name__}: {e}") from None
         self.pixels = (self.manifest.get("image_min_pixels", 56 * 56), self.manifest.get("image_max_pixels", 28 * 28 * 1280))
-        self.records, self.where = [], {}
-        for line_no, line in enumerate((folder / "records.jsonl").read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
+        self.records, self.where, seen, path = [], {}, {}, folder / "records.jsonl"
+        for line_no, line in prepare.jsonl_lines(path):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise prepare.data_error(path, "json", f"expected valid JSON, found an error ({e})", line=line_no)
             for key in ("id", "image", "input_ids", "labels"):
                 if key not in r:
-                    raise ValueError(f"{folder}/records.jsonl line {line_no}: field {key!r} missing")
+                    raise prepare.data_error(path, key, "expected a value, found it missing", line=line_no)
+            bad = lambda name, what: prepare.data_error(path, name, what, line=line_no, rid=r["id"])
             if len(r["input_ids"]) != len(r["labels"]):
-                raise ValueError(f"{folder}/records.jsonl line {line_no} (id {r['id']}): input_ids and labels differ "
-                                 f"in length ({len(r['input_ids'])} vs {len(r['labels'])})")
+                raise bad("labels", f"expected {len(r['input_ids'])} labels like input_ids, found {len(r['labels'])}")
+            if r["id"] in seen:   # ids key the targets: a repeated one would train on another record's latents
+                raise bad("id", f"expected a unique id, found the id of line {seen[r['id']]} again")
+            seen[r["id"]] = line_no
             self.records.append(r)
         for shard in self.manifest["shards"]:
-            with safe_open(str(folder / shard), framework="pt") as f:
+            with qm.open_safetensors(folder / shard) as f:
                 self.where.update({k: folder / shard for k in f.keys()})
         # external encoder features (VaLR's REPA targets): {name: {record id: shard}}, (n_spans, P, d) per record
         self.external = {name: {} for name in self.manifest.get("external", {})}
         for name, ext in self.manifest.get("external", {}).items():
             for shard in ext["shards"]:
-                with safe_open(str(folder / shard), framework="pt") as f:
+                with qm.open_safetensors(folder / shard) as f:
                     self.external[name].update({k: folder / shard for k in f.keys()})
         self.strip = [tau < 0 or (r.get("accuracy") is not None and r["accuracy"] > tau) for r in self.records]
 
@@ -180,7 +190,7 @@ class Records:
                         external=None)
         external = {}
         for name, where in self.external.items():
-            with safe_open(str(where[r["id"]]), framework="pt") as f:
+            with qm.open_safetensors(where[r["id"]]) as f:
                 external[name] = f.get_tensor(r["id"]).float()                  # (n_spans, P, d)
             if external[name].shape[0] != n_spans:
                 raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} spans but external '{name}' "
@@ -189,7 +199,7 @@ class Records:
             return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=None, external=external)
         if r["id"] not in self.where:
             raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} latent span(s) but no targets tensor")
-        with safe_open(str(self.where[r["id"]]), framework="pt") as f:
+        with qm.open_safetensors(self.where[r["id"]]) as f:
             t = f.get_tensor(r["id"])                                        # (n_spans, N, d) bf16
         n_pads = int((ids == self.pad_id).sum())
         if t.shape[0] != n_spans or t.shape[0] * t.shape[1] != n_pads:
@@ -400,12 +410,12 @@ def load_checkpoint(gap, opt, cfg):
     root = Path(cfg.out) / "checkpoints" / "last"
     if not (root / "state.pt").exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {root}")
-    with safe_open(str(root / "model.safetensors"), framework="pt") as f:
+    with qm.open_safetensors(root / "model.safetensors") as f:
         model_sd = {k: f.get_tensor(k) for k in f.keys()}
     if gap.vlm.cfg.tie_word_embeddings:
         model_sd["vlm.lm_head.weight"] = model_sd["vlm.model.embed_tokens.weight"]
     # weights_only: optimizer tensors, ints, floats and RNG byte tensors only; nothing in it is ever executed
-    state = torch.load(root / "state.pt", weights_only=True)
+    state = read_state(root / "state.pt")
     if cfg.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(gap, opt, model_state_dict=model_sd, optim_state_dict=state["optimizer"],
@@ -443,6 +453,60 @@ def export(gap, cfg, records, basis, rank):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ---- inputs that must agree: output paths, tokenizer, the config of the run being resumed ----
+
+# Options that do not change what a run computes: where it writes, how often it saves or logs, how it is executed
+# (activation checkpointing and FSDP are exact; the device changes rounding only). Any other difference between a
+# checkpoint's config and the resuming run's would silently splice two different runs together.
+RESUME_FREE = ("out", "resume", "allow_config_change", "save_every", "stop_after", "log_every", "device", "compile",
+               "activation_checkpointing", "fsdp")
+
+
+def read_state(path, mmap=False):
+    """torch.load of a state file (weights_only: tensors and plain values, nothing executed), naming the file when
+    it is cut short or is not a state file at all (torch's own error names neither)."""
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise prepare.data_error(path, "file", f"expected a torch state file, found an unreadable one "
+                                               f"({str(e).splitlines()[0]})") from None
+
+
+def check_resume_config(cfg, saved, where):
+    """Refuse to resume under options that change the result, listing each with its old and new value."""
+    now = dataclasses.asdict(cfg)
+    same = lambda k, a, b: os.path.realpath(a) == os.path.realpath(b) if k in ("data", "model") else a == b
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in now
+               if k not in RESUME_FREE and k in saved and not same(k, saved[k], now[k])]
+    if changed and not cfg.allow_config_change:
+        raise prepare.data_error(where, "config", f"expected the options the checkpoint was trained with, found "
+                                 f"{', '.join(changed)} (pass --allow-config-change to resume anyway)")
+    if changed:
+        print0(f"resuming with changed options: {', '.join(changed)} (--allow-config-change)")
+
+
+def check_inputs(cfg):
+    """Before any work: outputs never overwrite inputs, the model reads the token ids the data was prepared with,
+    and --resume continues the same run."""
+    out = os.path.realpath(cfg.out)
+    for name in ("model", "data"):
+        if out == os.path.realpath(getattr(cfg, name)):
+            raise prepare.data_error(cfg.out, "--out", f"expected a folder other than --{name} (the export writes "
+                                                      f"config.json, model.safetensors, ... into it), found --{name}")
+    mine, theirs = Path(cfg.data) / "tokenizer.json", Path(cfg.model) / "tokenizer.json"
+    if theirs.is_file() and prepare.load_tokenizer(mine).to_str() != prepare.load_tokenizer(theirs).to_str():
+        a, b = (prepare.load_tokenizer(p).get_vocab() for p in (mine, theirs))
+        diff = sorted(set(a.items()) ^ set(b.items()))
+        found = (f"{len(diff)} differing vocabulary entries (e.g. {diff[0][0]!r})" if diff else
+                 "the same vocabulary with another normalizer, pre-tokenizer or merges")
+        raise prepare.data_error(theirs, "tokenizer", f"expected the tokenizer {mine} was prepared with, found "
+                                                      f"{found}; run prepare.py build with this --model")
+    state = Path(cfg.out) / "checkpoints" / "last" / "state.pt"
+    if cfg.resume and state.is_file():   # mmap: reads the config, not the optimizer tensors
+        check_resume_config(cfg, read_state(state, mmap=True).get("config", {}), state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # ---- the loop ----
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16
@@ -453,14 +517,15 @@ def main(cfg):
     rank, world, device = dist_init(cfg)
     torch.manual_seed(cfg.seed)
     records = Records(cfg.data, cfg.tau)
+    check_inputs(cfg)
     per_rank = cfg.global_batch // world
     if cfg.global_batch % world or per_rank % cfg.micro_batch:
-        raise ValueError(f"--global-batch {cfg.global_batch} must split into {world} ranks x micro-batches of "
+        raise prepare.DataError(f"--global-batch {cfg.global_batch} must split into {world} ranks x micro-batches of "
                          f"{cfg.micro_batch}")
     accum = per_rank // cfg.micro_batch
     steps_per_epoch = len(records) // cfg.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data}: {len(records)} records < --global-batch {cfg.global_batch}")
+        raise prepare.DataError(f"{cfg.data}: {len(records)} records < --global-batch {cfg.global_batch}")
     total = steps_per_epoch * cfg.epochs
     gap, wrapped, opt, basis = build(cfg, records, device, rank, world)
     n_params = sum(p.numel() for p in gap.parameters())

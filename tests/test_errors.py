@@ -4,6 +4,7 @@ of failure, each run through the script's own `__main__` block.
 
     .venv/bin/python -m pytest -q tests/test_errors.py
 """
+import json
 import runpy
 import shutil
 import sys
@@ -14,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import eval as gapeval  # noqa: E402
 import prepare  # noqa: E402
 import train  # noqa: E402
 
@@ -95,3 +97,142 @@ def test_a_bug_keeps_its_traceback():
         return {}["missing"]
     with pytest.raises(KeyError):
         prepare.run_main(buggy, [])
+
+
+# ---- text files: UTF-8, lines end at "\n" only ----
+
+
+def _good_lines(syn, n):
+    """n valid build records from the synthetic raw data, with absolute paths (the copy lives elsewhere)."""
+    recs = [json.loads(x) for x in (syn / "raw" / "train.jsonl").read_text().splitlines()[:n]]
+    for r in recs:
+        r["image"] = str(syn / "raw" / r["image"])
+        r["aux_images"] = [str(syn / "raw" / a) for a in r["aux_images"]]
+    return recs
+
+
+def test_non_utf8_input_names_file_and_line(syn, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "latin1.jsonl"
+    good, bad = _good_lines(syn, 2)
+    bad["question"] = "Combien de carrés ?"
+    data.write_bytes(json.dumps(good).encode() + b"\n" + json.dumps(bad, ensure_ascii=False).encode("latin-1") + b"\n")
+    col = json.dumps(bad, ensure_ascii=False).index("é") + 1
+    want = f"error: {data} line 2: text: expected UTF-8, found byte 0xe9 at column {col}"
+    code, line = run_script("prepare.py", ["build", "--data", str(data), "--model", str(syn / "model"),
+                                           "--out", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 1 and line == want
+    code, line = run_script("eval.py", ["--model", str(syn / "model"), "--data", str(data)], monkeypatch, capsys)
+    assert code == 1 and line == want
+
+
+def test_u2028_inside_a_json_string_is_one_line(syn, tmp_path):
+    # a raw U+2028 (LINE SEPARATOR) is valid inside a JSON string; str.splitlines() would cut the record in two
+    recs = _good_lines(syn, 3)
+    recs[0]["question"] = "How many\u2028red shapes?"
+    recs[2]["answer"] = 7   # line 3 is bad: its number must not shift
+    data = tmp_path / "u2028.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    assert "\u2028" in data.read_text(encoding="utf-8")
+    opts = prepare.BuildOptions(data=str(data), model=str(syn / "model"), out=str(tmp_path / "out"))
+    with pytest.raises(prepare.DataError, match=rf"^1 bad record\(s\); the first: {data} line 3 \(id {recs[2]['id']}\)"
+                                                rf": answer: expected a string"):
+        prepare.build(opts)
+    recs[2]["answer"] = "7"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    assert [r["question"] for r in gapeval.read_data(data)] == [r["question"] for r in recs]
+
+
+# ---- ids key results: a repeated one is an error ----
+
+
+def test_duplicate_ids(syn, tmp_path):
+    recs = _good_lines(syn, 2)
+    recs[1]["id"] = recs[0]["id"]
+    data = tmp_path / "dup.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(prepare.DataError, match=rf"dup.jsonl line 2 \(id {recs[0]['id']}\): id: expected a unique "
+                                                rf"id, found the id of line 1 again"):
+        gapeval.read_data(data)
+    tsv = tmp_path / "dup.tsv"
+    tsv.write_text("index\timage\tquestion\tanswer\n" + "".join(f"7\t{'A' * 100}\tq{i}\ta\n" for i in range(2)))
+    with pytest.raises(prepare.DataError, match=r"dup.tsv: index: expected unique values, found '7' twice"):
+        gapeval.read_data(tsv)
+    prepared = tmp_path / "prepared"   # the prepared records key the latent targets
+    shutil.copytree(syn / "prepared", prepared)
+    first = (prepared / "records.jsonl").read_text().splitlines()[0]
+    with open(prepared / "records.jsonl", "a") as f:
+        f.write(first + "\n")
+    n = len((prepared / "records.jsonl").read_text().splitlines())
+    with pytest.raises(prepare.DataError, match=rf"records.jsonl line {n} \(id {json.loads(first)['id']}\): id: "
+                                                rf"expected a unique id, found the id of line 1 again"):
+        train.Records(prepared, tau=0.0)
+
+
+# ---- outputs never overwrite inputs ----
+
+
+def test_output_equal_to_an_input_is_refused(syn, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _good_lines(syn, 2)))
+    before = data.read_bytes()
+    score = ["score", "--data", str(data), "--model", str(syn / "model"), "--device", "cpu"]
+    code, line = run_script("prepare.py", score + ["--out", str(data)], monkeypatch, capsys)
+    assert code == 1 and line == f"error: {data}: --out: expected a file other than --data (it is rewritten while " \
+                                 f"scoring), found --data itself" and data.read_bytes() == before
+    other = tmp_path / "other.scored.jsonl"   # a resumed --out holding records --data lacks would lose them
+    other.write_text(json.dumps({"id": "someone-else", "accuracy": 1.0}) + "\n")
+    code, line = run_script("prepare.py", score + ["--out", str(other)], monkeypatch, capsys)
+    assert code == 1 and line.startswith(f"error: {other} line 1: id: expected the ids of {data}")
+    code, line = run_script("train.py", ["--data", str(syn / "prepared"), "--model", str(syn / "model"),
+                                         "--out", str(syn / "model"), "--device", "cpu"], monkeypatch, capsys)
+    assert code == 1 and line.startswith(f"error: {syn / 'model'}: --out: expected a folder other than --model")
+    code, line = run_script("prepare.py", ["build", "--data", str(data), "--model", str(syn / "model"),
+                                           "--out", str(syn / "model")], monkeypatch, capsys)
+    assert code == 1 and f"{syn / 'model'}: --out: expected a folder other than --model" in line
+
+
+# ---- training inputs that must agree ----
+
+
+def _train_argv(syn, out, *extra):
+    return ["--data", str(syn / "prepared"), "--model", str(syn / "model"), "--out", str(out), "--global-batch", "4",
+            "--micro-batch", "2", "--lr", "2e-3", "--epochs", "1", "--device", "cpu", *extra]
+
+
+def test_resume_refuses_a_changed_config(syn, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train.main(train.parse_args(_train_argv(syn, out, "--stop-after", "1")))
+    state = out / "checkpoints" / "last" / "state.pt"
+    # --save-every and --log-every do not change the result; the lr and the seed do
+    argv = _train_argv(syn, out, "--resume", "--lr", "1e-3", "--seed", "1", "--save-every", "2", "--log-every", "2")
+    code, line = run_script("train.py", argv, monkeypatch, capsys)
+    assert code == 1 and line == (f"error: {state}: config: expected the options the checkpoint was trained with, "
+                                  f"found --lr 0.002 -> 0.001, --seed 12345 -> 1 (pass --allow-config-change to "
+                                  f"resume anyway)")
+    train.main(train.parse_args(argv + ["--allow-config-change"]))
+    assert "resuming with changed options: --lr 0.002 -> 0.001" in capsys.readouterr().out
+    assert (out / "gap.json").is_file()
+
+
+def test_unreadable_state_file(syn, tmp_path, monkeypatch, capsys):
+    state = tmp_path / "run" / "checkpoints" / "last" / "state.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"PK\x03\x04 cut short")
+    code, line = run_script("train.py", _train_argv(syn, tmp_path / "run", "--resume"), monkeypatch, capsys)
+    assert code == 1 and line.startswith(f"error: {state}: file: expected a torch state file, found an unreadable")
+
+
+def test_data_prepared_with_another_tokenizer(syn, tmp_path, monkeypatch, capsys):
+    other = tmp_path / "other-model"
+    shutil.copytree(syn / "model", other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]   # two tokens swap ids: every record's ids would mean other text
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    argv = _train_argv(syn, tmp_path / "run")
+    argv[argv.index("--model") + 1] = str(other)
+    code, line = run_script("train.py", argv, monkeypatch, capsys)
+    assert code == 1 and line == (f"error: {other / 'tokenizer.json'}: tokenizer: expected the tokenizer "
+                                  f"{syn / 'prepared' / 'tokenizer.json'} was prepared with, found 4 differing "
+                                  f"vocabulary entries (e.g. {min(a, b)!r}); run prepare.py build with this --model")

@@ -123,10 +123,10 @@ def test_jsonl_reader_errors_name_line_and_field(jsonl, tmp_path):
     assert [r["category"] for r in recs] == ["count", "all", "mc"] and Path(recs[0]["image"]).is_file()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "image": str(jsonl.parent / "images/0.png"), "question": "q"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: record 'x': field 'answer'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1 \(id x\): answer: expected a non-empty string"):
         gapeval.read_data(bad)
     bad.write_text(json.dumps({"id": "y", "image": "nope.png", "question": "q", "answer": "1"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: record 'y': field 'image'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1 \(id y\): image: expected an image file"):
         gapeval.read_data(bad)
 
 

@@ -214,7 +214,7 @@ def test_bad_record_fails_with_location(syn, tmp_path, name, breaker, fld):
     data = tmp_path / "bad.jsonl"
     _write(data, [good, bad])
     opts = prepare.BuildOptions(data=str(data), model=str(syn / "model"), out=str(tmp_path / "out"))
-    with pytest.raises(prepare.DataError, match=rf"bad\.jsonl line 2 \(id {bad['id']}\): field '{fld}'"):
+    with pytest.raises(prepare.DataError, match=rf"bad\.jsonl line 2 \(id {bad['id']}\): {fld}: "):
         prepare.build(opts)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
@@ -223,7 +223,7 @@ def test_bad_json_and_latents(syn, tmp_path):
     data = tmp_path / "bad.jsonl"
     _write(data, [_good(syn, 0), "{not json", "", '["a list"]'])
     opts = prepare.BuildOptions(data=str(data), model=str(syn / "model"), out=str(tmp_path / "out"))
-    with pytest.raises(prepare.DataError, match=r"bad\.jsonl line 2: field 'json'"):
+    with pytest.raises(prepare.DataError, match=r"bad\.jsonl line 2: json: "):
         prepare.build(opts)
     with pytest.raises(prepare.DataError, match="--latents 35: expected a perfect square"):
         prepare.build(replace(opts, latents=35))
@@ -231,7 +231,7 @@ def test_bad_json_and_latents(syn, tmp_path):
     r["response"] = r["response"] + " <latent>"   # one more placeholder than aux images
     _write(data, [r])
     n = r["response"].count("<latent>")
-    with pytest.raises(prepare.DataError, match=rf"line 1 \(id {r['id']}\): field 'aux_images': expected {n} "
+    with pytest.raises(prepare.DataError, match=rf"line 1 \(id {r['id']}\): aux_images: expected {n} "
                                                 rf"entries for {n} <latent>, found {n - 1}"):
         prepare.build(opts)
 

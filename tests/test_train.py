@@ -160,7 +160,7 @@ def test_bad_inputs(syn, tmp_path):
     bad.mkdir()
     (bad / "manifest.json").write_text((syn / "prepared" / "manifest.json").read_text())
     (bad / "records.jsonl").write_text(json.dumps({"id": "x", "image": "y.png", "input_ids": [1, 2]}) + "\n")
-    with pytest.raises(ValueError, match=r"records.jsonl line 1: field 'labels' missing"):
+    with pytest.raises(ValueError, match=r"records.jsonl line 1: labels: expected a value, found it missing"):
         train.Records(bad, tau=0.0)
 
 
