@@ -158,7 +158,8 @@ def _read_array(f, buf, path):
 #                                                                         \\boxed{answer}"}]}]}
 # with image paths relative to the dataset root. Monet's loader drops an assistant image whose preceding text
 # lacks <abs_vis_token></abs_vis_token> and strips <observation> tags that come before any auxiliary image; so
-# does this converter. "image" is accepted as the path key too (the key Monet's loader rewrites it to).
+# does this converter. "image" is accepted as the path key too (the key Monet's loader rewrites it to). The
+# reasoning keeps its \\boxed{...}; the boxed content is also the record's <answer>, which eval.py grades.
 
 ABS_VIS = "<abs_vis_token></abs_vis_token>"
 
@@ -339,11 +340,13 @@ def convert_bbox(obj, images, index, crops):
         aux.append(str(path))
         spans.append(f"{LATENT_PLACEHOLDER} <parser>the region [{x0 / w:.2f}, {y0 / h:.2f}, {x1 / w:.2f}, "
                      f"{y1 / h:.2f}] of the image, zoomed in</parser>")
+    img.close()
     pieces = reasoning.split(LVR)
     text = pieces[0] + "".join(s + p for s, p in zip(spans, pieces[1:]))
     return str(src), question, f"<think>{text.strip()}</think><answer>{answer}</answer>", aux, answer
 
 
+# layout -> (record id, converter(obj, images root, input index, crops folder) -> gap fields)
 CONVERTERS = {"monet": (monet_id, convert_monet), "bbox": (bbox_id, convert_bbox)}
 
 
