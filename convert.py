@@ -159,7 +159,7 @@ def _read_array(f, buf, path):
 # with image paths relative to the dataset root. Monet's loader drops an assistant image whose preceding text
 # lacks <abs_vis_token></abs_vis_token> and strips <observation> tags that come before any auxiliary image; so
 # does this converter. "image" is accepted as the path key too (the key Monet's loader rewrites it to). The
-# reasoning keeps its \\boxed{...}; the boxed content is also the record's <answer>, which eval.py grades.
+# reasoning keeps its \boxed{...}; the boxed content is also the record's <answer>, which eval.py grades.
 
 ABS_VIS = "<abs_vis_token></abs_vis_token>"
 
