@@ -9,10 +9,11 @@ DEMO_TRAIN ?= --global-batch 16 --micro-batch 16 --lr 5e-3 --head-lr 5e-3 --epoc
 SEEDS ?= 1 2
 DEMO_EVAL ?= --batch-size 24 --max-new-tokens 200
 
-.venv/ok: requirements.txt requirements-dev.txt
+.venv/ok: requirements.txt requirements-dev.txt requirements-oracle.txt
 	test -d .venv || python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	.venv/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+	.venv/bin/pip install -q --no-deps -r requirements-oracle.txt
 	touch .venv/ok
 
 venv: .venv/ok

@@ -11,9 +11,7 @@ options, answer, category).
 Outputs under --out: predictions-<mode>-<latents>.jsonl per run, results.json (both tables), norms.json/norms.png.
 score_file() is the difficulty scorer behind `prepare.py score` (N samples of the base model per record).
 """
-import base64
-import csv
-import io
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +32,7 @@ from tqdm import tqdm
 import model as gapmodel
 import prepare
 import sample
+import vlmevalkit
 
 # ---------------------------------------------------------------------------------------------------------------
 # ---- options ----
@@ -65,6 +64,10 @@ class EvalOptions:
     max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = as for min_pixels"})
     workers: int = field(default=4, metadata={"min": 0, "help": "threads decoding and preprocessing the next batches' images"})
     compile: str = field(default="auto", metadata={"help": "compiled decode step: auto (on CUDA) | yes | no"})
+    scoring: str = field(default="auto", metadata={
+        "choices": ("auto", "gap", "vlmeval"),
+        "help": "gap: lenient answer extraction (<answer> tags, 'the answer is', 1%% numeric tolerance); vlmeval: "
+                "VLMEvalKit's exact matching (vlmevalkit.py); auto: vlmeval for a TSV, gap for JSONL"})
 
 
 @dataclass
@@ -123,46 +126,10 @@ def read_jsonl(path, need_answer=True):
     return records
 
 
-def _missing(v):
-    return v is None or v.strip() in ("", "nan", "NaN", "None")
-
-
-def read_tsv(path, need_answer=True):
-    """VLMEvalKit layout: a row whose `image` is short (<= 64 chars) refers to another row's index with the same
-    image (VLMEvalKit writes each image once). Options are the one-letter columns A, B, C, ... that are filled."""
-    path = Path(path)
-    csv.field_size_limit(sys.maxsize)          # one base64 image is far over csv's 128 KB default field limit
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        header = reader.fieldnames or []
-        need = ["index", "image", "question"] + (["answer"] if need_answer else [])
-        missing = [c for c in need if c not in header]
-        if missing:
-            raise ValueError(f"{path}: TSV lacks column(s) {missing}; found {header}")
-        rows = list(reader)
-    letters = [c for c in header if len(c) == 1 and c in string.ascii_uppercase]
-    by_index = {r["index"]: r["image"] for r in rows if r["image"] and len(r["image"]) > 64}
-    records = []
-    for lineno, r in enumerate(rows, 2):       # line 1 is the header
-        where = f"{path}:{lineno} (index {r.get('index')})"
-        img = r["image"] or ""
-        if len(img) <= 64:
-            if img not in by_index:
-                raise ValueError(f"{where}: field 'image' {img!r} is neither base64 nor the index of a row with one")
-            img = by_index[img]
-        if _missing(r["question"]) or (need_answer and _missing(r.get("answer"))):
-            raise ValueError(f"{where}: field 'question' or 'answer' is empty")
-        choices = {c: r[c].strip() for c in letters if not _missing(r.get(c))}
-        q = r["question"].strip()
-        if not _missing(r.get("hint")):
-            q = f"Hint: {r['hint'].strip()}\n{q}"
-        if choices:
-            q += "\n" + "\n".join(f"{c}. {t}" for c, t in choices.items())
-        records.append({"id": str(r["index"]), "image_b64": img, "question": q,
-                        "answer": None if _missing(r.get("answer")) else r["answer"].strip(),
-                        "category": (r.get("category") or "all").strip() or "all", "choices": choices or None,
-                        "response": None, "raw": None})
-    return records
+def read_tsv(path):
+    """A VLMEvalKit TSV, read, prompted and checked (every image decoded) as vlmevalkit.read_records does; rows
+    without an answer are kept (predictions are written, nothing is scored)."""
+    return vlmevalkit.read_records(path)[0]
 
 
 def read_data(path, need_answer=True):
@@ -171,23 +138,15 @@ def read_data(path, need_answer=True):
         return read_jsonl(path, need_answer)
     if suffix != ".tsv":
         raise prepare.data_error(path, "format", f"expected a .jsonl or .tsv file, found {suffix!r}")
-    records, seen = read_tsv(path, need_answer), set()
-    for r in records:   # the index keys the predictions: a repeated one would mix two questions' results
-        if r["id"] in seen:
-            raise prepare.data_error(path, "index", f"expected unique values, found {r['id']!r} twice")
-        seen.add(r["id"])
-    return records
+    return read_tsv(path)   # unique indexes are checked there, before the images are decoded
 
 
 def record_image(rec):
-    """A path for JSONL records; a decoded PIL image (with model.load_image's pixel cap) for TSV ones."""
+    """A path for JSONL records; the decoded PIL image for TSV ones (VLMEvalKit's convert("RGB") rules)."""
     if rec.get("image_b64") is None:
         return rec["image"]
-    try:
-        data = base64.b64decode(rec["image_b64"], validate=False)
-    except ValueError as e:
-        raise ValueError(f"record {rec['id']}: field 'image' is not valid base64 ({e})") from None
-    return gapmodel.load_image(io.BytesIO(data))
+    path, line = rec["where"]
+    return vlmevalkit.decode_image(rec["image_b64"], path, line=line, rid=rec["id"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,6 +225,34 @@ def score(prediction, answer, choices=None):
         got = m.group(1).lower() if m else ""
         return got == normalize(ref), got
     return normalize(pred) == normalize(ref), pred
+
+
+def score_record(rec, text, scoring, dataset):
+    """-> (score in [0, 1] or None for a record without an answer, what was extracted). vlmeval scores the text as
+    VLMEvalKit would see it: the decoded tokens without special tokens, so latent spans vanish."""
+    if rec["answer"] is None:
+        return None, ""
+    if scoring == "vlmeval":
+        return vlmevalkit.score(text.replace(prepare.LATENT_PLACEHOLDER, ""), rec, dataset)
+    ok, got = score(text, rec["answer"], rec.get("choices"))
+    return float(ok), got
+
+
+def resolve_scoring(opts, records):
+    """auto -> vlmeval for a TSV whose task VLMEvalKit's exact matching covers, else gap (with a note)."""
+    dataset, is_tsv = Path(opts.data).stem, Path(opts.data).suffix.lower() == ".tsv"
+    scoring = opts.scoring if opts.scoring != "auto" else ("vlmeval" if is_tsv else "gap")
+    if scoring == "vlmeval":
+        if not is_tsv:
+            raise ValueError(f"--scoring vlmeval needs a VLMEvalKit TSV, not {opts.data}")
+        try:
+            vlmevalkit.check_supported(records[0]["kind"], dataset)
+        except ValueError as e:
+            if opts.scoring == "vlmeval":
+                raise
+            print(f"note: {e}: scoring with gap", file=sys.stderr)
+            scoring = "gap"
+    return scoring
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,7 +373,7 @@ def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
                                        seed=opts.seed + k * opts.batch_size, compile=compile_setting(opts))
                 dt = time.perf_counter() - t0   # generate ends in a .cpu() copy, so the device work is finished
                 for rec, row in zip(batch, rows):
-                    ok, got = score(row["text"], rec["answer"], rec.get("choices"))
+                    ok, got = score_record(rec, row["text"], opts.scoring, Path(opts.data).stem)
                     f.write(json.dumps({"id": rec["id"], "category": rec["category"], "answer": rec["answer"],
                                         "prediction": row["text"], "extracted": got, "correct": ok, "latency_s": dt,
                                         "n_latents": sum(s["count"] for s in row["latent_spans"]),
@@ -398,12 +385,13 @@ def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
         return None
     done = {p["id"]: p for p in (json.loads(l) for l in path.read_text(encoding="utf-8").splitlines())}
     preds = [done[i] for i in ids]
-    cats = {}
+    cats, scored = {}, [p["correct"] for p in preds if p["correct"] is not None]   # None: a record without answer
     for p in preds:
-        cats.setdefault(p["category"], []).append(p["correct"])
+        if p["correct"] is not None:
+            cats.setdefault(p["category"], []).append(p["correct"])
     total = sum(done[b[0]["id"]]["latency_s"] for b in batches)   # wall time of the batches, one after another
-    return {"mode": mode, "latents": n_latents, "n": len(preds),
-            "accuracy": float(np.mean([p["correct"] for p in preds])),
+    return {"mode": mode, "latents": n_latents, "n": len(preds), "n_scored": len(scored),
+            "accuracy": float(np.mean(scored)) if scored else None,
             "per_category": {c: {"accuracy": float(np.mean(v)), "n": len(v)} for c, v in sorted(cats.items())},
             "latency_s": percentile_stats([p["latency_s"] for p in preds]),
             "mean_latents": float(np.mean([p["n_latents"] for p in preds])),
@@ -438,10 +426,14 @@ def evaluate(opts, bundle=None):
                                    opts.max_pixels)
     if rank == 0:
         prepare.print_pixels(bundle.pixels)
-    records = read_data(opts.data)
+    records = read_data(opts.data, need_answer=False)
     records = records[:opts.limit] if opts.limit > 0 else records
     if not records:
         raise ValueError(f"{opts.data}: no records")
+    opts = dataclasses.replace(opts, scoring=resolve_scoring(opts, records))
+    if rank == 0:
+        print(f"scoring: {opts.scoring}; {sum(r['answer'] is not None for r in records)}/{len(records)} records have "
+              f"an answer", file=sys.stderr)
     avail = sample.available_modes(bundle)
     if opts.modes == "auto":
         modes = [m for m in ("pca", "zero", "noise", "raw") if m in avail]

@@ -103,8 +103,13 @@ def test_tsv_reader(tmp_path):
         w.writerows(rows)
     recs = gapeval.read_data(path)
     assert [r["id"] for r in recs] == ["10", "11"]
-    assert recs[0]["question"] == "What color?\nA. red\nB. blue" and recs[0]["choices"] == {"A": "red", "B": "blue"}
-    assert recs[1]["question"].startswith("Hint: Count the squares.\nHow many?\nA. 1")
+    # VLMEvalKit's prompt for Qwen2.5-VL; "nan" and "" are empty cells (pandas), and column C ("nan", "3") is a
+    # float column, so the option prints as "3.0" exactly as VLMEvalKit prints it
+    assert recs[0]["question"] == ("Question: What color?\nOptions:\nA. red\nB. blue\n"
+                                   "Please select the correct answer from the options above. \n")
+    assert recs[0]["choices"] == {"A": "red", "B": "blue"}
+    assert recs[1]["question"].startswith("Hint: Count the squares.\nQuestion: How many?\nOptions:\nA. 1\n")
+    assert "C. 3.0\n" in recs[1]["question"] and recs[1]["choices"]["C"] == "3.0"
     for r in recs:
         img = gapeval.record_image(r)
         assert img.size == (56, 56)
@@ -114,7 +119,8 @@ def test_tsv_reader(tmp_path):
         w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
         w.writeheader()
         w.writerows(rows)
-    with pytest.raises(ValueError, match=r"bench.tsv:3 \(index 11\): field 'image' '99'"):
+    with pytest.raises(ValueError, match=r"bench.tsv line 3 \(id 11\): image: expected base64 or the index of a "
+                                         r"row with an image, found '99'"):
         gapeval.read_data(path)
 
 
