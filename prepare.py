@@ -63,7 +63,7 @@ class BuildOptions:
                                                          "(valr.py), no ViT targets", "choices": ("gap", "valr")})
     k: int = field(default=16, metadata={"min": 1, "help": "--layout valr: K latents per block (VaLR: 16)"})
     external: list = field(default_factory=list, metadata={
-        "help": "NAME=FILE, repeatable: external encoder features {record id: (n_blocks, P, d)} for REPA (valr.py)"})
+        "help": "NAME=FILE: external encoder features {record id: (n_blocks, P, d)} for REPA (valr.py)"})
 
 
 @dataclass

@@ -14,6 +14,10 @@ Teacher forcing (DESIGN "Latent loop"): the input at latent pad j is the target 
 position before pad j and predicts v̂_j; L = L_LM + lambda_latent * L_latent, each summed and divided by its global
 count (tokens, latents) over the whole optimizer step and all ranks. Records whose base-model accuracy is > tau lose
 their latent spans at load time (plain text supervision), so one prepared folder serves any tau.
+
+VaLR (README "Reproducing VaLR"): a `prepare.py build --layout valr` folder has no targets, so its latent inputs are
+the model's own outputs fed back (sample.rollout_latents, no latent MSE); --repa-layer / --repa-weight /
+--repa-encoders add L_REPA (latent_head.repa_loss) against the folder's --external encoder features.
 """
 
 import contextlib

@@ -207,3 +207,46 @@ def test_two_stages_lower_repa(syn, tmp_path):
                                      **common))
     with pytest.raises(ValueError, match="no PCA basis"):
         train.main(train.TrainConfig(model=s1.out, out=str(tmp_path / "x"), **{**common, "latent_head": "pca"}))
+
+
+# ---- generation: exactly K latents per block, several blocks per answer, batched and cached ----
+
+
+def test_generation_k_latents_per_block(tmp_path, monkeypatch):
+    """sample.py and eval.py raw mode (VaLR's output-as-input) on a tiny random model. A random model rarely opens a
+    block, so <|latent_start|> gets +1e4 in the text-mode logit bias: every text step opens one, and an answer is
+    blocks back to back. The loop itself (per-row state, forced <|latent_end|>, cache) is what runs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import eval as gapeval
+    import test_sample as ts
+    folder = ts.tiny_folder(str(tmp_path), "raw", boost=False)
+    bundle = sample.load(folder)
+    plain_bias = sample.logit_bias
+
+    def forced(bundle, mode, device):
+        bias = plain_bias(bundle, mode, device)
+        bias[bundle.ids["latent_start"]] = 1e4 if mode != "zero" else bias[bundle.ids["latent_start"]]
+        return bias
+    monkeypatch.setattr(sample, "logit_bias", forced)
+    ids = bundle.ids
+    block = [ids["latent_start"]] + [ids["latent_pad"]] * K + [ids["latent_end"]]
+    images, questions = [ts.image(56, 56, 1), ts.image(84, 56, 2)], [ts.Q_A, ts.Q_B]   # prompts of unequal length
+    rows = sample.generate(bundle, images, questions, mode="raw", n_latents=K, max_new_tokens=3 * (K + 2),
+                           debug=True)
+    for img, q, row in zip(images, questions, rows):
+        assert row["token_ids"] == block * 3 and [s["count"] for s in row["latent_spans"]] == [K] * 3
+        naive = sample.generate_naive(bundle, img, q, mode="raw", n_latents=K, max_new_tokens=3 * (K + 2), debug=True)
+        assert naive["token_ids"] == row["token_ids"]                      # cached + batched == recompute, one row
+        torch.testing.assert_close(naive["latents"], row["latents"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(row["latents"][:K], row["hidden"][1:K + 1])   # raw: each latent is the h̄ before it
+    # eval.py, batched, raw mode at the folder's N: every block of every answer has exactly N latents
+    data = tmp_path / "d.jsonl"
+    images[0].save(tmp_path / "a.png")
+    images[1].save(tmp_path / "b.png")
+    data.write_text("".join(json.dumps({"id": f"r{i}", "image": p, "question": q, "answer": "3"}) + "\n"
+                            for i, (p, q) in enumerate([("a.png", ts.Q_A), ("b.png", ts.Q_B), ("a.png", ts.Q_B)])))
+    opts = gapeval.EvalOptions(model=str(folder), data=str(data), modes="raw", out=str(tmp_path / "ev"),
+                               max_new_tokens=4 * (ts.N + 2), batch_size=2, device="cpu")
+    gapeval.evaluate(opts, bundle=bundle)
+    preds = [json.loads(line) for line in (tmp_path / "ev" / f"predictions-raw-{ts.N}.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and all([s["count"] for s in p["latent_spans"]] == [ts.N] * 4 for p in preds)
