@@ -21,8 +21,11 @@ import json
 import math
 import os
 import random
+import re
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -39,6 +42,8 @@ from model import DataError, data_error
 
 # ---- options (argparse is generated from these dataclasses; bounds in the metadata) ----
 
+DECODE_PIXELS = model.MAX_DECODE_PIXELS   # default decode budget of a build: one largest image at a time (~1 GB)
+
 
 @dataclass
 class BuildOptions:
@@ -54,6 +59,10 @@ class BuildOptions:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "ViT dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
     workers: int = field(default=4, metadata={"min": 1, "help": "threads decoding images"})
+    decode_pixels: int = field(default=DECODE_PIXELS, metadata={
+        "min": 1, "help": "pixels decoded at once over all workers (bounds memory: ~12 bytes each)"})
+    max_length: int = field(default=0, metadata={
+        "min": 0, "help": "longest example in tokens (prompt, image tokens, response); 0 = max_position_embeddings"})
     min_pixels: int = field(default=-1, metadata={"help": "question image: smart_resize min_pixels; -1 = the "
                                                           "model folder's preprocessor_config.json"})
     max_pixels: int = field(default=-1, metadata={"help": "question image: smart_resize max_pixels; -1 = the "
@@ -417,6 +426,9 @@ def _check_fields(obj, base, layout=None):
         hit = [t for t in QWEN_SPECIAL_TOKENS + LATENT_TOKENS if t in obj[k]]
         if hit:
             raise BadRecord(k, f"contains the reserved token {hit[0]!r}")
+    problem = tag_problem(obj["response"])
+    if problem:
+        raise BadRecord("response", problem)
     response = layout(obj["response"]) if layout else obj["response"]
     n = response.count(LATENT_PLACEHOLDER)
     if n != len(aux) and not (layout and not aux):   # VaLR blocks need no aux image (then each step's is optional)
@@ -425,6 +437,34 @@ def _check_fields(obj, base, layout=None):
     return {"id": obj["id"], "image": resolve(obj["image"]), "question": obj["question"],
             "response": response, "aux_images": [resolve(a) for a in aux], "answer": obj["answer"],
             "accuracy": None if acc is None else float(acc)}
+
+
+# Tags of a response: <think> ... </think><answer> ... </answer>, with <parser> ... </parser> inside <think> (what
+# follows a latent span: the text it should let the model read off). Checked with a stack, so a nested, crossed or
+# unclosed tag is caught where it happens; tag_problem gives the first one.
+_TAG = re.compile(r"</?(think|parser|answer)>")
+
+
+def tag_problem(response):
+    """-> what is wrong with the tag structure of a response ("expected ..., found ... at character i"), or None."""
+    stack, answers = [], 0
+    for m in _TAG.finditer(response):
+        tag, at = m.group(1), f"{m.group(0)} at character {m.start()}"
+        parent = stack[-1] if stack else None
+        if m.group(0).startswith("</"):
+            if parent != tag:
+                return f"expected {f'</{parent}>' if parent else f'<{tag}> before it'}, found {at}"
+            stack.pop()
+        elif tag == "parser" and parent != "think":
+            return f"expected <parser> inside <think>, found {at}" + (f" inside <{parent}>" if parent else "")
+        elif tag != "parser" and parent is not None:
+            return f"expected <{tag}> outside other tags, found {at} inside <{parent}>"
+        elif tag == "answer" and answers:
+            return f"expected one <answer>, found a second {at}"
+        else:
+            answers += tag == "answer"
+            stack.append(tag)
+    return f"expected </{stack[-1]}>, found the end of the response" if stack else None
 
 
 def _square_rgb(path, side):
@@ -449,20 +489,48 @@ def aux_pixels(path, n_latents, vision):
     return pv, grid
 
 
-def _check_images(rec, opts, vision):
+class PixelBudget:
+    """Bounds the pixels decoded at once by all worker threads, so build memory follows the images, not the worker
+    count: four 9000x9000 PNGs decoded together held 3.9 GB (~12 bytes a pixel: the decode, RGBA, the composite onto
+    white, RGB). An image larger than the whole budget waits until it can run alone."""
+
+    def __init__(self, limit):
+        self.limit, self.used, self.cond = limit, 0, threading.Condition()
+
+    @contextmanager
+    def hold(self, path):
+        try:   # the header only: PIL decodes lazily
+            with Image.open(path) as img:
+                n = min(img.width * img.height, self.limit)
+        except Exception:   # unreadable: model.load_image says why, and decodes nothing
+            n = 0
+        with self.cond:
+            self.cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= n
+                self.cond.notify_all()
+
+
+def _check_images(rec, opts, vision, budget):
     """Decode the question image (-> number of <|image_pad|>) and every aux image; raises BadRecord."""
     if not os.path.isfile(rec["image"]):
         raise BadRecord("image", f"file not found: {rec['image']}")
     try:
-        _, grid = model.preprocess_image(rec["image"], opts.min_pixels, opts.max_pixels, vision.patch_size,
-                                         vision.spatial_merge_size, vision.temporal_patch_size)
+        with budget.hold(rec["image"]):
+            _, grid = model.preprocess_image(rec["image"], opts.min_pixels, opts.max_pixels, vision.patch_size,
+                                             vision.spatial_merge_size, vision.temporal_patch_size)
     except ValueError as e:
         raise BadRecord("image", f"cannot use the image: {e}") from None
     for j, a in enumerate(rec["aux_images"]):
         if not os.path.isfile(a):
             raise BadRecord("aux_images", f"entry {j}: file not found: {a}")
         try:   # decoding is what can fail; the square resize is redone in the targets pass anyway
-            model.load_image(a).close()
+            with budget.hold(a):
+                model.load_image(a).close()
         except ValueError as e:
             raise BadRecord("aux_images", f"entry {j}: cannot use the image: {e}") from None
     return int(grid.prod()) // vision.spatial_merge_size ** 2
@@ -504,9 +572,11 @@ def read_records(opts, vision, layout=None):
             skipped.append({"line": lineno, "id": rid, "field": e.field, "reason": e.reason})
     n_records = len(good) + len(skipped)
 
+    budget = PixelBudget(opts.decode_pixels)
+
     def check(item):   # images are the slow part: decode them on a thread pool (PIL releases the GIL)
         try:
-            return _check_images(item[1], opts, vision)
+            return _check_images(item[1], opts, vision, budget)
         except BadRecord as e:
             return e
     with ThreadPoolExecutor(max(1, opts.workers)) as pool:
@@ -516,7 +586,7 @@ def read_records(opts, vision, layout=None):
         if isinstance(r, BadRecord):
             skipped.append({"line": lineno, "id": rec["id"], "field": r.field, "reason": r.reason})
         else:
-            kept.append({**rec, "n_image_tokens": r})
+            kept.append({**rec, "n_image_tokens": r, "line": lineno})
     skipped.sort(key=lambda s: s["line"])
     return kept, skipped, n_records
 
@@ -549,11 +619,15 @@ def _shard_is_done(path, fp):
 def shard_targets(visual, recs, opts, vision, device, dtype, progress=None):
     """-> {id: (n_spans, N, d) bf16} for a list of records. Aux images are batched across records, decoded on
     threads; batches never cross a shard, so a resumed shard is bit-identical to an uninterrupted one."""
-    paths = [a for r in recs for a in r["aux_images"]]
+    paths, budget = [a for r in recs for a in r["aux_images"]], PixelBudget(opts.decode_pixels)
+
+    def pixels(path):
+        with budget.hold(path):
+            return aux_pixels(path, opts.latents, vision)
     out = []
     with ThreadPoolExecutor(max(1, opts.workers)) as pool:
         for s in range(0, len(paths), opts.batch_size):
-            items = list(pool.map(lambda p: aux_pixels(p, opts.latents, vision), paths[s:s + opts.batch_size]))
+            items = list(pool.map(pixels, paths[s:s + opts.batch_size]))
             pv = torch.cat([p for p, _ in items]).to(device=device, dtype=dtype)   # (B * 4N, 1176)
             grid = torch.cat([g for _, g in items]).to(device)                       # (B, 3)
             v = visual(pv, grid).view(len(items), opts.latents, -1)                 # (B, N, d) raster order
@@ -613,6 +687,18 @@ def build(opts):
     opts = replace(opts, min_pixels=pixels[0], max_pixels=pixels[1])   # image tokens are counted at these limits
 
     recs, skipped, n_records = read_records(opts, cfg.vision, valr.layout if valr_layout else None)
+    # every example must fit the model's context: positions past max_position_embeddings were never trained
+    limit = min(opts.max_length or cfg.text.max_position_embeddings, cfg.text.max_position_embeddings)
+    why = "--max-length" if limit == opts.max_length else f"max_position_embeddings of {opts.model}/config.json"
+    examples = {}
+    for r in recs:
+        examples[r["id"]] = build_example(tok, r["question"], r["response"], r["n_image_tokens"], n_latents)
+        n = len(examples[r["id"]][0])
+        if n > limit:
+            skipped.append({"line": r["line"], "id": r["id"], "field": "length", "reason": f"expected at most "
+                            f"{limit} tokens ({why}), found {n} ({r['n_image_tokens']} of them image tokens)"})
+    skipped.sort(key=lambda s: s["line"])
+    recs = [r for r in recs if len(examples[r["id"]][0]) <= limit]
     for s in skipped:
         print(format_bad(data, s), file=sys.stderr)
     if skipped and not opts.skip_bad:
@@ -626,7 +712,7 @@ def build(opts):
     tok.save(str(out / "tokenizer.json"))
     rows = []
     for r in recs:
-        input_ids, labels = build_example(tok, r["question"], r["response"], r["n_image_tokens"], n_latents)
+        input_ids, labels = examples[r["id"]]
         rows.append({"id": r["id"], "image": r["image"], "input_ids": input_ids, "labels": labels,
                      "n_spans": r["response"].count(LATENT_PLACEHOLDER), "accuracy": r["accuracy"], "answer": r["answer"],
                      "question": r["question"], "response": r["response"], "aux_images": r["aux_images"]})

@@ -8,6 +8,8 @@ import json
 import runpy
 import shutil
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -236,3 +238,69 @@ def test_data_prepared_with_another_tokenizer(syn, tmp_path, monkeypatch, capsys
     assert code == 1 and line == (f"error: {other / 'tokenizer.json'}: tokenizer: expected the tokenizer "
                                   f"{syn / 'prepared' / 'tokenizer.json'} was prepared with, found 4 differing "
                                   f"vocabulary entries (e.g. {min(a, b)!r}); run prepare.py build with this --model")
+
+
+# ---- prepare.py build: tag structure and length of each example ----
+
+BAD_TAGS = [  # (response, the message)
+    ("<think>a <think>b</think></think><answer>1</answer>",
+     "expected <think> outside other tags, found <think> at character 9 inside <think>"),
+    ("<think>a <answer>1</answer>", "expected <answer> outside other tags, found <answer> at character 9 inside"),
+    ("<think>a <parser>b</think></parser><answer>1</answer>", "expected </parser>, found </think> at character 18"),
+    ("<parser>b</parser><answer>1</answer>", "expected <parser> inside <think>, found <parser> at character 0"),
+    ("<think>a</think><answer>1</answer><answer>2</answer>", "expected one <answer>, found a second <answer> at"),
+    ("<think>a</think><answer>1", "expected </answer>, found the end of the response"),
+    ("a</think><answer>1</answer>", "expected <think> before it, found </think> at character 1"),
+]
+
+
+def test_build_checks_tags_and_lengths(syn, tmp_path, monkeypatch, capsys):
+    recs = _good_lines(syn, len(BAD_TAGS) + 2)
+    for r, (response, _) in zip(recs[1:], BAD_TAGS):
+        r.update(response=response, aux_images=[])
+    long = recs[-1]
+    long["question"] = "How many red shapes? " * 200   # ~1000 tokens with the image and the response
+    data = tmp_path / "tags.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    argv = ["build", "--data", str(data), "--model", str(syn / "model"), "--out", str(tmp_path / "out"),
+            "--max-length", "400", "--device", "cpu"]
+    code, line = run_script("prepare.py", argv, monkeypatch, capsys)
+    assert code == 1 and line.startswith(f"error: {len(BAD_TAGS) + 1} bad record(s); the first: {data} line 2 "
+                                         f"(id {recs[1]['id']}): response: {BAD_TAGS[0][1]}"), line
+    man = prepare.main(argv + ["--skip-bad"])   # each bad record is listed, the good one is built
+    assert man["n_kept"] == 1 and [(s["line"], s["field"]) for s in man["skipped"]] == \
+        [(2 + j, "response") for j in range(len(BAD_TAGS))] + [(len(recs), "length")]
+    for s, (_, msg) in zip(man["skipped"], BAD_TAGS):
+        assert msg in s["reason"], (s, msg)
+    assert man["skipped"][-1]["reason"].startswith("expected at most 400 tokens (--max-length), found ")
+    err = capsys.readouterr().err
+    assert f"{data} line {len(recs)} (id {long['id']}): length: expected at most 400 tokens" in err
+
+
+def test_build_decodes_within_a_pixel_budget(syn, tmp_path, monkeypatch):
+    """Memory follows the pixels in flight, not the worker count: with a budget smaller than any image, 4 workers
+    decode one image at a time (an image over the budget runs alone)."""
+    recs = _good_lines(syn, 6)
+    busy, peak, lock = [0], [0], prepare.threading.Lock()
+    real = prepare.model.load_image
+
+    def load_image(path):
+        with lock:
+            busy[0] += 1
+            peak[0] = max(peak[0], busy[0])
+        time.sleep(0.02)   # long enough for the other workers to try to start
+        try:
+            return real(path)
+        finally:
+            with lock:
+                busy[0] -= 1
+    monkeypatch.setattr(prepare.model, "load_image", load_image)
+    data = tmp_path / "few.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    opts = prepare.BuildOptions(data=str(data), model=str(syn / "model"), out=str(tmp_path / "out"), workers=4,
+                                min_pixels=3136, max_pixels=1003520)
+    prepare.read_records(replace(opts, decode_pixels=1), prepare.model.PRESETS["tiny"].vision)
+    assert peak[0] == 1
+    peak[0] = 0
+    prepare.read_records(opts, prepare.model.PRESETS["tiny"].vision)   # the default budget: 4 at once
+    assert peak[0] > 1
