@@ -414,7 +414,7 @@ def parse_list(s, cast, what):
     try:
         return [cast(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--{what} {s!r}: expected a comma-separated list") from None
+        raise prepare.DataError(f"--{what} {s!r}: expected a comma-separated list") from None
 
 
 def evaluate(opts, bundle=None):
@@ -429,7 +429,7 @@ def evaluate(opts, bundle=None):
     records = read_data(opts.data, need_answer=False)
     records = records[:opts.limit] if opts.limit > 0 else records
     if not records:
-        raise ValueError(f"{opts.data}: no records")
+        raise prepare.DataError(f"{opts.data}: no records")
     opts = dataclasses.replace(opts, scoring=resolve_scoring(opts, records))
     if rank == 0:
         print(f"scoring: {opts.scoring}; {sum(r['answer'] is not None for r in records)}/{len(records)} records have "

@@ -109,19 +109,20 @@ def load(model_dir, dtype=torch.float32, device="cpu", min_pixels=-1, max_pixels
         gap = json.loads(gap_file.read_text())
         kind, n = gap["latent_head"], int(gap["n_latents"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{gap_file}: expected JSON with latent_head and n_latents ({type(e).__name__}: {e})") from None
+        raise prepare.DataError(f"{gap_file}: expected JSON with latent_head and n_latents "
+                                f"({type(e).__name__}: {e})") from None
     if kind not in latent_head.KINDS:
-        raise ValueError(f"{gap_file}: latent_head {kind!r}, expected one of {latent_head.KINDS}")
+        raise prepare.DataError(f"{gap_file}: latent_head {kind!r}, expected one of {latent_head.KINDS}")
     # the ids the model was trained with must be the ids this tokenizer produces, or every span is misread
     want = {k: gap.get("latent_ids", {}).get(k) for k in ("start", "pad", "end")}
     have = {"start": ids["latent_start"], "pad": ids["latent_pad"], "end": ids["latent_end"]}
     if gap.get("latent_ids") is not None and want != have:
-        raise ValueError(f"{gap_file}: latent_ids {want} differ from {path / 'tokenizer.json'}'s {have}")
+        raise prepare.DataError(f"{gap_file}: latent_ids {want} differ from {path / 'tokenizer.json'}'s {have}")
     if kind == "raw":
         head = latent_head.RawFeedback()
     else:
         if kind == "pca" and bundle.basis is None:
-            raise ValueError(f"{gap_file}: latent_head 'pca' but {path / 'pca.safetensors'} is missing")
+            raise prepare.DataError(f"{gap_file}: latent_head 'pca' but {path / 'pca.safetensors'} is missing")
         head = latent_head.load_head(path / "latent_head.safetensors", basis=bundle.basis, kind=kind, device=device)
     bundle.head, bundle.kind, bundle.n_latents = head.float().eval(), kind, n
     bundle.vision_norm = gap.get("vision_norm")
@@ -131,16 +132,16 @@ def load(model_dir, dtype=torch.float32, device="cpu", min_pixels=-1, max_pixels
 def check_mode(bundle, mode):
     """Raise a ValueError saying why `mode` cannot run with what this folder holds."""
     if mode not in MODES:
-        raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        raise prepare.DataError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     where = bundle.path or "this model"
     if mode in ("pca", "full") and bundle.kind != mode:
         has = f"a {bundle.kind!r} head (gap.json)" if bundle.kind else "no gap.json, i.e. a plain HF checkpoint"
-        raise ValueError(f"{where}: mode {mode!r} needs a trained {mode} latent head (latent_head.safetensors of "
-                         f"kind {mode!r} named by gap.json) but the folder has {has}; modes raw and zero work on any "
-                         f"checkpoint")
+        raise prepare.DataError(f"{where}: mode {mode!r} needs a trained {mode} latent head (latent_head.safetensors "
+                                f"of kind {mode!r} named by gap.json) but the folder has {has}; modes raw and zero "
+                                f"work on any checkpoint")
     if mode == "noise" and bundle.basis is None:
-        raise ValueError(f"{where}: mode 'noise' samples PCA coefficients and needs pca.safetensors, which this "
-                         f"folder lacks; modes raw and zero work on any checkpoint")
+        raise prepare.DataError(f"{where}: mode 'noise' samples PCA coefficients and needs pca.safetensors, which this "
+                                f"folder lacks; modes raw and zero work on any checkpoint")
 
 
 def available_modes(bundle):

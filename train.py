@@ -197,18 +197,19 @@ class Records:
             with qm.open_safetensors(where[r["id"]]) as f:
                 external[name] = f.get_tensor(r["id"]).float()                  # (n_spans, P, d)
             if external[name].shape[0] != n_spans:
-                raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} spans but external '{name}' "
-                                 f"features of shape {tuple(external[name].shape)}")
+                raise prepare.DataError(f"{self.folder}: record {r['id']!r} has {n_spans} spans but external '{name}' "
+                                        f"features of shape {tuple(external[name].shape)}")
         if not self.manifest["shards"]:
             return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=None, external=external)
         if r["id"] not in self.where:
-            raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} latent span(s) but no targets tensor")
+            raise prepare.DataError(f"{self.folder}: record {r['id']!r} has {n_spans} latent span(s) but no targets "
+                                    f"tensor")
         with qm.open_safetensors(self.where[r["id"]]) as f:
             t = f.get_tensor(r["id"])                                        # (n_spans, N, d) bf16
         n_pads = int((ids == self.pad_id).sum())
         if t.shape[0] != n_spans or t.shape[0] * t.shape[1] != n_pads:
-            raise ValueError(f"{self.folder}: record {r['id']!r} has {n_spans} spans / {n_pads} latent pads but "
-                             f"targets of shape {tuple(t.shape)}")
+            raise prepare.DataError(f"{self.folder}: record {r['id']!r} has {n_spans} spans / {n_pads} latent pads but "
+                                    f"targets of shape {tuple(t.shape)}")
         return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=t.flatten(0, 1).float(),
                     external=external)
 
@@ -307,8 +308,8 @@ def build(cfg, records, device, rank, world):
     vlm = qm.load_pretrained(cfg.model, dtype=torch.float32, device=device)   # fp32 master weights; bf16 autocast
     vocab = vlm.cfg.text.vocab_size
     if max(records.start_id, records.pad_id, records.end_id) >= vocab:
-        raise ValueError(f"latent token ids {records.start_id}..{records.end_id} from {cfg.data}/manifest.json are "
-                         f">= the embedding's {vocab} rows in {cfg.model}")
+        raise prepare.DataError(f"latent token ids {records.start_id}..{records.end_id} from {cfg.data}/manifest.json "
+                                f"are >= the embedding's {vocab} rows in {cfg.model}")
     d, n_layers = vlm.cfg.text.hidden_size, vlm.cfg.text.num_hidden_layers
     if cfg.latent_head == "pca" and records.manifest.get("pca") is None:
         raise prepare.DataError(f"--latent-head pca: {cfg.data} has no PCA basis (a --layout valr build has no aux-image "
