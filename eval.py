@@ -5,6 +5,7 @@ options, answer, category).
 
     python eval.py --model out/gap --data data/synthetic/raw/test.jsonl --modes pca,zero,noise,raw --latents 0,4,16,36
     python eval.py --model out/gap-7b --data MathVista_MINI.tsv --device cuda --batch-size 16 --out out/mathvista
+    python eval.py --model out/gap-7b --data MMStar.tsv --scoring vlmeval --min-pixels 1003520 --max-pixels 12845056
     python eval.py norms --model out/gap --data data/synthetic/raw/test.jsonl --limit 16 --out out/norms
     torchrun --standalone --nproc_per_node=8 eval.py --model out/gap-7b --data MathVista_MINI.tsv --batch-size 16
 
