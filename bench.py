@@ -1,20 +1,24 @@
-"""Speed of our Qwen2.5-VL against transformers on the same random weights, inputs and process: prefill, greedy text
-decoding with the static KV cache, and one GAP latent step (PCA head -> trunk). Ratios are transformers / ours (> 1
-means we are faster); on CUDA also the HBM lower bound of a decode step and the bandwidth we reach (gpt-fast's line).
+"""Speed of our Qwen2.5-VL against transformers on the same random weights, inputs and process: prefill, the text
+decode step, the GAP latent step and end-to-end generation, each with the static KV cache. Ratios are transformers /
+ours (> 1 means we are faster); on CUDA also the HBM lower bound of a decode step and the fraction of it we reach.
 
     .venv/bin/python bench.py --config tiny --iters 3                 # seconds, CPU
     .venv/bin/python bench.py --config small --threads 1 --cpu-time   # the CPU preset, steady on a shared machine
-    python bench.py --config 7b --device cuda --compile               # bf16 on one GPU, plus a compiled decode step
+    python bench.py --config 7b --device cuda --compile               # bf16 on one GPU, plus the compiled step
+    python bench.py --config 7b --device cuda --compile --batch 32 --image-size 1008 --no-hf   # 1296 image tokens
 
 How each number is taken: an untimed warm-up, then --iters rounds with ours and HF interleaved (order reversed
-every other round), torch.cuda.synchronize around every clock read, the median reported:
+every other round), torch.cuda.synchronize around every clock read, the median reported. Our steps are sample.py's
+own (next_inputs + trunk_step): what generate() runs, not a copy of it.
   forward   ours m(ids, image) vs HF model(..., use_cache=False): the whole prompt, vision tower + logits for all T
   prefill   time to first token into a cache: ours setup_cache + position_ids + embed + decode(input_pos) + last
-            logits + argmax; HF generate() up to its first logits-processor call (so including generate's own setup)
-  decode    per token, greedy: ours one decode step (embed_tokens -> decode(input_pos) -> lm_head -> argmax, no host
-            sync) per token; HF generate(min=max=n new tokens, its default cache), timed between logits-processor
-            calls, i.e. (t_n - t_1) / (n - 1) with prefill excluded exactly
-  latent    ours only: v = PCAHead(h) fed back as the next input embedding (no lm_head), per step
+            logits + the first step's choice; HF generate() up to its first logits-processor call
+  decode    per token, greedy: ours one generation step per token (sampling state machine -> input embedding ->
+            trunk -> lm_head, no host sync); HF generate(min=max=n new tokens, its default cache), timed between
+            logits-processor calls, i.e. (t_n - t_1) / (n - 1) with prefill excluded exactly
+  latent    ours only: every row inside a latent span, v = PCAHead(h) fed back as the next input embedding
+  generate  end to end, tokens/s over the batch: ours sample.generate (prompts preprocessed) vs HF generate, eager
+            and (with --compile, where transformers supports it) with its static cache, which it compiles on CUDA
 """
 
 import statistics
@@ -28,6 +32,7 @@ from PIL import Image
 
 import model
 import prepare
+import sample
 
 # ---- options ----
 
@@ -35,16 +40,18 @@ import prepare
 @dataclass
 class Options:
     config: str = field(default="small", metadata={"help": "model preset", "choices": list(model.PRESETS)})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda", "choices": ["cpu", "cuda"]})
+    device: str = field(default="cpu", metadata={"help": "cpu | cuda | cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "auto = bfloat16 on cuda, float32 on cpu",
                                                  "choices": ["auto", "float32", "bfloat16"]})
+    batch: int = field(default=1, metadata={"min": 1, "help": "rows per call (the same prompt in every row)"})
     prompt_len: int = field(default=64, metadata={"min": 1, "help": "text tokens around the image"})
     image_size: int = field(default=448,
                             metadata={"min": 28, "help": "side of the random square image (448 -> 256 tokens)"})
     decode_steps: int = field(default=32, metadata={"min": 2, "help": "new tokens per greedy run (>= 2)"})
     iters: int = field(default=5, metadata={"min": 1, "help": "timed repetitions; the median is reported"})
     hf: bool = field(default=True, metadata={"help": "also run transformers (--no-hf: ours only)"})
-    compile: bool = field(default=False, metadata={"help": "also time a torch.compile'd decode step"})
+    compile: bool = field(default=False, metadata={"help": "also time the compiled decode step (CUDA graphs on "
+                                                           "CUDA) and HF's static-cache generate"})
     hbm_gbs: float = field(default=0.0,
                            metadata={"min": 0, "help": "peak memory bandwidth in GB/s (auto for H100 SXM/H200)"})
     seed: int = field(default=0, metadata={"help": "weights, image and prompt seed"})
@@ -85,7 +92,7 @@ def build_ours(cfg, dtype, device, seed):
 
 
 def make_inputs(cfg, opts, device):
-    """A random image + text prompt: text, <|vision_start|>, N <|image_pad|>, <|vision_end|>, text."""
+    """A random image + text prompt: text, <|vision_start|>, N <|image_pad|>, <|vision_end|>, text; --batch rows."""
     rng = np.random.default_rng(opts.seed)
     img = Image.fromarray(rng.integers(0, 256, (opts.image_size, opts.image_size, 3), dtype=np.uint8))
     pv, grid = model.preprocess_image(img)
@@ -94,7 +101,8 @@ def make_inputs(cfg, opts, device):
     a = opts.prompt_len // 4
     ids = torch.cat([text[:a], torch.tensor([cfg.vision_start_token_id] + [cfg.image_token_id] * n_img +
                                             [cfg.vision_end_token_id]), text[a:]])[None]    # (1, T)
-    return ids.to(device), pv.to(device), grid.to(device), n_img
+    B = opts.batch
+    return ids.expand(B, -1).to(device), pv.repeat(B, 1).to(device), grid.repeat(B, 1).to(device), n_img
 
 
 def random_basis(d, k, seed):
@@ -141,61 +149,64 @@ def peak_bandwidth(opts, device):
     return None
 
 
-# ---- our generation path (static cache, no host syncs after prefill) ----
+# ---- our generation path: sample.py's step on a bundle of random weights ----
 
 
-def decode_step(m, tok, input_pos, delta):
-    """One text token (B,) at cache slot input_pos (1,) -> next greedy token (B,), h̄ (B, 1, D). A token appended at
-    padded index s gets M-RoPE position s + rope_deltas on all three axes (model.get_position_ids)."""
-    pos = (delta[:, None] + input_pos[None, :]).expand(3, -1, -1)            # (3, B, 1)
-    h = m.decode(m.model.embed_tokens(tok[:, None]), pos, input_pos=input_pos)
-    return m.lm_head(h[:, -1]).argmax(-1), h
+class NoText:
+    """generate() asks a tokenizer only for its size (logit_bias) and for text (finish_rows); bench reads no text."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def get_vocab_size(self):
+        return self.size
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
 
 
-def latent_step(m, head, h, input_pos, delta):
-    """GAP: the previous h̄ (B, 1, D) -> v̂ = P_k c + mu (fp32, Eq. 1) -> next input embedding -> new h̄."""
-    pos = (delta[:, None] + input_pos[None, :]).expand(3, -1, -1)            # (3, B, 1)
-    return m.decode(head(h).to(h.dtype), pos, input_pos=input_pos)
+def bench_bundle(m, head, basis):
+    cfg = m.cfg
+    first = cfg.bos_token_id + 22        # Qwen's layout: 22 special tokens after the BPE ids, then the latent tokens
+    ids = {"im_end": cfg.eos_token_id, "endoftext": cfg.bos_token_id,
+           "latent_start": first, "latent_pad": first + 1, "latent_end": first + 2}
+    return sample.Bundle(model=m, tok=NoText(first + 3), ids=ids, head=head, basis=basis, kind="pca")
 
 
-def ours_generate(m, ids, pv, grid, n, clk, step=decode_step, caches=None):
-    """Prefill into the static cache, then n-1 decode steps. -> (ttft s, decode s per token, tokens (B, n)).
-    caches: reuse these KVCache modules instead of setup_cache (a compiled step keeps its buffers' addresses)."""
-    B, T = ids.shape
-    dev = ids.device
+def ours_generate(bundle, ids, pv, grid, n, clk, trunk, latent=False):
+    """Prefill into the static cache, then n - 1 generation steps. -> (ttft s, s per step, tokens (B, n)).
+    latent=True puts every row inside a latent span first, so each step feeds back the PCA head's v."""
+    m, (B, T), dev = bundle.model, ids.shape, ids.device
+    mode = "pca" if latent else "zero"
     t0 = clk()
-    if caches is None:
-        m.setup_cache(B, T + n)
-    else:
-        for layer, c in zip(m.model.layers, caches):
-            layer.self_attn.kv_cache = c
+    S = sample.kv_bucket(T + n)
+    m.setup_cache(B, S)
     pos, delta = m.position_ids(ids, grid)
-    h = m.decode(m.embed(ids, pv, grid), pos, input_pos=torch.arange(T, device=dev))
-    toks = [m.lm_head(h[:, -1]).argmax(-1)]
+    h = m.decode(m.embed(ids, pv, grid), pos, input_pos=torch.arange(T, device=dev))[:, -1]   # (B, D)
+    state, bias = sample.LoopState(B, dev), sample.logit_bias(bundle, mode, dev)
+    if latent:
+        state.latent[:], state.left[:] = True, n + 1
+    step = lambda h, logits: sample.next_inputs(bundle, mode, state, h, logits, bias, n + 1, 0.0, 1.0, None, None)
+    tok, _, _, _, inp = step(h, m.lm_head(h).float())
+    toks = [tok]
     t1 = clk()
-    slots = torch.arange(T, T + n - 1, device=dev)
+    slots = torch.arange(S, device=dev)
     for i in range(n - 1):
-        tok, h = step(m, toks[-1], slots[i:i + 1], delta)
-        toks.append(tok.clone())                # clone: a CUDA-graph output is overwritten by the next replay
+        s = T + i
+        p = (s + delta).view(1, B, 1).expand(3, B, 1)                         # (3, B, 1)
+        h, logits = trunk(inp, p, slots[s:s + 1], None, sample.kv_bucket(s + 1) if trunk.compiled else s + 1)
+        tok, _, _, _, inp = step(h, logits)
+        toks.append(tok)
     t2 = clk()
+    if not trunk.compiled:
+        m.clear_cache()
     return t1 - t0, (t2 - t1) / (n - 1), torch.stack(toks, 1)
 
 
-def ours_latents(m, head, ids, pv, grid, n, clk):
-    """Prefill (untimed), then n latent steps. -> seconds per latent step."""
-    B, T = ids.shape
-    m.setup_cache(B, T + n)
-    pos, delta = m.position_ids(ids, grid)
-    h = m.decode(m.embed(ids, pv, grid), pos, input_pos=torch.arange(T, device=ids.device))[:, -1:]
-    slots = torch.arange(T, T + n, device=ids.device)
-    t0 = clk()
-    for i in range(n):
-        h = latent_step(m, head, h, slots[i:i + 1], delta)
-    return (clk() - t0) / n
-
-
-def hf_generate(hf, ids, pv, grid, n, cfg, clk):
-    """HF greedy generate with a logits processor that stamps the clock once per new token."""
+def hf_generate(hf, ids, pv, grid, n, cfg, clk, bias, static=False):
+    """HF greedy generate with a logits processor that stamps the clock once per new token and adds our generate's
+    logit bias (padding rows and latent tokens never sampled), so both pick among the same tokens.
+    static=True: its static cache, which transformers compiles on CUDA. -> (ttft s, s per step, tokens, total s)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class Stamp(LogitsProcessor):
@@ -204,16 +215,18 @@ def hf_generate(hf, ids, pv, grid, n, cfg, clk):
 
         def __call__(self, input_ids, scores):
             self.t.append(clk())                # HF syncs every step anyway (its stopping criteria)
-            return scores
+            return scores + bias
 
     stamp = Stamp()
     hf.model.rope_deltas = None                 # HF keeps M-RoPE state between calls: start clean
     t0 = clk()
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
                       mm_token_type_ids=(ids == cfg.image_token_id).long(), max_new_tokens=n, min_new_tokens=n,
-                      do_sample=False, pad_token_id=cfg.eos_token_id, logits_processor=LogitsProcessorList([stamp]))
+                      do_sample=False, pad_token_id=cfg.eos_token_id, logits_processor=LogitsProcessorList([stamp]),
+                      **({"cache_implementation": "static"} if static else {}))
+    t2 = clk()
     t = stamp.t
-    return t[0] - t0, (t[-1] - t[0]) / (n - 1), out[:, ids.shape[1]:]
+    return t[0] - t0, (t[-1] - t[0]) / (n - 1), out[:, ids.shape[1]:], t2 - t0
 
 
 # ---- the benchmark ----
@@ -222,13 +235,13 @@ def hf_generate(hf, ids, pv, grid, n, cfg, clk):
 @torch.no_grad()
 def main(opts: Options):
     prepare.check_options(opts)
-    if opts.config in ("3b", "7b") and opts.device != "cuda":
+    device = prepare.resolve_device(opts.device)
+    if opts.config in ("3b", "7b") and device.type != "cuda":
         raise prepare.DataError(f"--config: expected --device cuda with {opts.config} (a {opts.config} decode on CPU "
                                 f"says nothing), found --device {opts.device}")
-    if opts.cpu_time and (opts.device == "cuda" or opts.threads != 1):
+    if opts.cpu_time and (device.type == "cuda" or opts.threads != 1):
         raise prepare.DataError("--cpu-time: expected --device cpu --threads 1 (it measures one CPU thread), found "
                                 f"--device {opts.device} --threads {opts.threads}")
-    device = torch.device(opts.device)
     if opts.threads:
         # on a shared 2-core box, 2 OpenMP threads stall whenever a neighbour holds one core (a 4x1x16 @ 4x16x338
         # bmm went from 3 us to 0.5-6 ms): one thread gives slower but far steadier numbers for both models
@@ -240,21 +253,43 @@ def main(opts: Options):
     m = build_ours(cfg, dtype, device, opts.seed)
     ids, pv, grid, n_img = make_inputs(cfg, opts, device)
     B, T = ids.shape
+    from latent_head import PCAHead
+    k = max(1, round(0.18 * cfg.text.hidden_size))    # ~18% of d, like k at 95% variance for 7B (629 / 3584)
+    basis = random_basis(cfg.text.hidden_size, k, opts.seed).to(device)
+    head = PCAHead(basis, cfg.text.hidden_size).to(device).eval()
+    bundle = bench_bundle(m, head, basis)
+    bias = sample.logit_bias(bundle, "zero", device)
+    eager, compiled = sample.get_trunk(bundle, False), sample.get_trunk(bundle, True) if opts.compile else None
+    prompts = [(ids[0].tolist(), pv[:len(pv) // B].cpu(), grid[:1].cpu())] * B   # encode_prompts' output, B rows
     n_params = sum(p.numel() for p in m.parameters())
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    print(f"config {opts.config}: {n_params / 1e6:.1f}M params, {dtype}, {dev_name}; prompt {T} tokens "
+    print(f"config {opts.config}: {n_params / 1e6:.1f}M params, {dtype}, {dev_name}; batch {B}, prompt {T} tokens "
           f"({n_img} image + {opts.prompt_len} text), {n} new tokens, median of {opts.iters} "
           f"({'process CPU' if opts.cpu_time else 'wall'} time)")
-    res = {"config": opts.config, "dtype": str(dtype), "prompt_tokens": T, "image_tokens": n_img}
+    res = {"config": opts.config, "dtype": str(dtype), "batch": B, "prompt_tokens": T, "image_tokens": n_img}
 
     def ours_fwd():
         t0 = clk()
         m(ids, pixel_values=pv, image_grid_thw=grid)
         return clk() - t0
 
+    def ours_e2e(trunk):
+        t0 = clk()
+        sample.generate(bundle, None, None, prompts=prompts, mode="zero", max_new_tokens=n, compile=trunk.compiled)
+        return clk() - t0
+
     # every measurement: (row names, who, callable returning seconds per row)
     tasks = [(("forward",), "ours", lambda: (ours_fwd(),)),
-             (("prefill", "decode"), "ours", lambda: ours_generate(m, ids, pv, grid, n, clk)[:2])]
+             (("prefill", "decode"), "ours", lambda: ours_generate(bundle, ids, pv, grid, n, clk, eager)[:2]),
+             ((None, "latent step"), "ours", lambda: ours_generate(bundle, ids, pv, grid, n, clk, eager, True)[:2]),
+             (("generate",), "ours", lambda: (ours_e2e(eager),))]
+    if compiled:
+        # CUDA graphs: the compiled runs keep one set of cache buffers (setup_cache reuses a same-shaped set)
+        tasks += [((None, "decode (compiled)"), "ours",
+                   lambda: ours_generate(bundle, ids, pv, grid, n, clk, compiled)[:2]),
+                  ((None, "latent (compiled)"), "ours",
+                   lambda: ours_generate(bundle, ids, pv, grid, n, clk, compiled, True)[:2]),
+                  (("generate (compiled)",), "ours", lambda: (ours_e2e(compiled),))]
     if opts.hf:
         from transformers import Qwen2_5_VLForConditionalGeneration
         from transformers.utils import logging as hf_logging
@@ -272,24 +307,16 @@ def main(opts: Options):
             hf(**kw, use_cache=False)
             return clk() - t0
 
+        gen = lambda static=False: hf_generate(hf, ids, pv, grid, n, cfg, clk, bias, static)
         tasks += [(("forward",), "hf", lambda: (hf_fwd(),)),
-                  (("prefill", "decode"), "hf", lambda: hf_generate(hf, ids, pv, grid, n, cfg, clk)[:2])]
-    if opts.compile:
-        # gpt-fast: CUDA graphs for the decode step; the compiled runs keep one set of cache buffers (their addresses
-        # are baked into the graph), the eager runs in between get fresh ones from setup_cache
-        step = torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else None, fullgraph=True)
-        m.setup_cache(B, T + n)
-        caches = [layer.self_attn.kv_cache for layer in m.model.layers]
-        tasks.append(((None, "decode (compiled)"), "ours",
-                      lambda: ours_generate(m, ids, pv, grid, n, clk, step, caches)[:2]))
-    try:
-        from latent_head import PCAHead
-        k = max(1, round(0.18 * cfg.text.hidden_size))    # ~18% of d, like k at 95% variance for 7B (629 / 3584)
-        head = PCAHead(random_basis(cfg.text.hidden_size, k, opts.seed), cfg.text.hidden_size).to(device)
-        head_bytes = sum(p.numel() * p.element_size() for p in head.parameters())
-        tasks.append((("latent step",), "ours", lambda: (ours_latents(m, head, ids, pv, grid, n, clk),)))
-    except ImportError as e:
-        print(f"latent step skipped: latent_head.py not importable ({e})")
+                  (("prefill", "decode", None, "generate"), "hf", gen)]
+        if compiled:
+            try:
+                gen(static=True)                     # transformers' own warm-up and compilation, untimed
+                tasks.append(((None, "decode (compiled)", None, "generate (compiled)"), "hf", lambda: gen(True)))
+            except Exception as e:                   # a model transformers cannot give a static cache
+                print(f"HF static-cache generate unavailable: {type(e).__name__}: {str(e).splitlines()[0]}")
+                res["hf_static_error"] = str(e).splitlines()[0]
 
     # untimed warm-up (and compilation), then ours and HF interleaved, the order reversed every other round, so a
     # neighbour's load drifting over minutes hits both sides alike instead of whichever happened to run second
@@ -302,32 +329,41 @@ def main(opts: Options):
                 if name:
                     times[who].setdefault(name, []).append(t)
     rows_ours, rows_hf = times["ours"], times["hf"]
-    if "decode (compiled)" in rows_ours and "decode" in rows_hf:
-        rows_hf["decode (compiled)"] = rows_hf["decode"]        # the same HF numbers, against our compiled step
+    for ours_row, hf_row in (("latent step", "decode"), ("latent (compiled)", "decode (compiled)")):
+        if ours_row in rows_ours and hf_row in rows_hf:
+            rows_hf[ours_row] = rows_hf[hf_row]     # HF has no latent step: its text step is the yardstick
     if opts.hf:   # sanity: the two models really compute the same function on the same inputs
         hf.model.rope_deltas = None
         res["max_logit_diff"] = (m(ids, pv, grid) - hf(**kw, use_cache=False).logits.float()).abs().max().item()
-        ours_toks = ours_generate(m, ids, pv, grid, n, clk)[2]
-        res["tokens_match"] = (ours_toks == hf_generate(hf, ids, pv, grid, n, cfg, clk)[2]).float().mean().item()
+        ours_toks = ours_generate(bundle, ids, pv, grid, n, clk, eager)[2]
+        res["tokens_match"] = (ours_toks == gen()[2]).float().mean().item()
         del hf
+    if device.type == "cuda":   # what one generate call holds beyond the weights: the KV cache plus a few buffers
+        m.clear_cache()
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        ours_e2e(compiled or eager)
+        res["generate_peak_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
     m.clear_cache()
 
     # bytes one decode step must read: every trunk weight, lm_head (not the embedding table: one row), and the KV
-    # cache at the mean context length; a latent step reads the head instead of lm_head
+    # cache at the mean context length (a latent step also reads the PCA head: it runs lm_head too, see generate)
     elt = torch.finfo(dtype).bits // 8
+    kv_token = 2 * cfg.text.num_hidden_layers * cfg.text.num_key_value_heads * cfg.text.head_dim * elt * B
     trunk = sum(p.numel() for n_, p in m.model.named_parameters() if not n_.startswith("embed_tokens")) * elt
-    kv = 2 * cfg.text.num_hidden_layers * cfg.text.num_key_value_heads * cfg.text.head_dim * (T + n / 2) * elt * B
-    step_bytes = {"decode": trunk + m.lm_head.weight.numel() * elt + kv}
-    step_bytes["decode (compiled)"] = step_bytes["decode"]
-    if "latent step" in rows_ours:
-        step_bytes["latent step"] = trunk + kv + head_bytes
+    head_bytes = sum(p.numel() * p.element_size() for p in head.parameters())
+    text = trunk + m.lm_head.weight.numel() * elt + kv_token * (T + n / 2)
+    step_bytes = {"decode": text, "decode (compiled)": text, "latent step": text + head_bytes,
+                  "latent (compiled)": text + head_bytes}
     peak = peak_bandwidth(opts, device)
 
     print(f"\n{'':20s}{'ours ms':>10s}{'±%':>6s}{'HF ms':>10s}{'±%':>6s}{'HF/ours':>9s}{'ours tok/s':>12s}"
-          f"{'HF tok/s':>10s}{'GB/s':>8s}{'bound ms':>10s}")
+          f"{'HF tok/s':>10s}{'GB/s':>8s}{'bound ms':>10s}{'of bound':>10s}")
     for name, xs in rows_ours.items():
         ys = rows_hf.get(name)
-        per_call = T if name in ("forward", "prefill") else 1          # tokens each timed call produces/consumes
+        # tokens each timed call consumes (forward, prefill) or produces (a step: one per row; generate: n per row)
+        per_call = B * T if name in ("forward", "prefill") else B * n if name.startswith("generate") else B
         o = med(xs)
         r = {"ours_ms": o, "ours_spread_pct": spread(xs), "ours_tok_s": per_call * 1e3 / o}
         line = f"{name:20s}{o:10.2f}{min(spread(xs), 999):6.0f}"
@@ -343,17 +379,22 @@ def main(opts: Options):
             line += f"{r['gb_s']:8.1f}"
             if peak:
                 r["bound_ms"] = step_bytes[name] / peak * 1e3
-                line += f"{r['bound_ms']:10.3f}"
+                r["of_bound"] = r["bound_ms"] / o                 # 1.0 = at the HBM bound
+                line += f"{r['bound_ms']:10.3f}{100 * r['of_bound']:9.0f}%"
         print(line)
         res[name.replace(" ", "_").replace("(", "").replace(")", "")] = r
-    if "latent step" in rows_ours:
-        res["latent_vs_decode"] = med(rows_ours["latent step"]) / med(rows_ours["decode"])
-        print(f"latent step / text decode step: {res['latent_vs_decode']:.2f} (the latent step skips lm_head)")
+    res["latent_vs_decode"] = med(rows_ours["latent step"]) / med(rows_ours["decode"])
+    print(f"latent step / text decode step: {res['latent_vs_decode']:.2f}")
     if "max_logit_diff" in res:
         print(f"same function: max |logits ours - HF| {res['max_logit_diff']:.2e}, greedy tokens equal "
               f"{100 * res['tokens_match']:.0f}%")
+    if "generate_peak_gb" in res:
+        res["kv_cache_gb"] = kv_token * sample.kv_bucket(T + n) / 1e9
+        print(f"generate (batch {B}): peak {res['generate_peak_gb']:.2f} GB above the weights, of which KV cache "
+              f"{res['kv_cache_gb']:.2f} GB ({sample.kv_bucket(T + n)} slots)")
     print("forward: full prompt, no cache, all logits | prefill: time to first token into a cache (ours: "
-          "setup_cache + prefill; HF: generate() to its first token) | decode: per token | ±%: half min-max range")
+          "setup_cache + prefill; HF: generate() to its first token) | decode/latent: per step | generate: tokens/s "
+          "over the batch, prefill included | ±%: half min-max range")
     return res
 
 

@@ -4,6 +4,8 @@
 """
 import math
 
+import pytest
+
 import bench
 
 
@@ -12,11 +14,13 @@ def finite_positive(x):
 
 
 def test_bench_tiny_runs():
-    opts = bench.Options(config="tiny", device="cpu", prompt_len=8, image_size=56, decode_steps=3, iters=1)
+    opts = bench.Options(config="tiny", device="cpu", prompt_len=8, image_size=56, decode_steps=3, iters=1, batch=2)
     res = bench.main(opts)
-    for row in ("forward", "prefill", "decode", "latent_step"):
+    for row in ("forward", "prefill", "decode", "latent_step", "generate"):
         assert finite_positive(res[row]["ours_ms"]) and finite_positive(res[row]["ours_tok_s"]), res[row]
-    for row in ("forward", "prefill", "decode"):         # rows with a transformers counterpart
+    assert res["generate"]["ours_tok_s"] == pytest.approx(2 * 3 * 1e3 / res["generate"]["ours_ms"])   # B * n tokens
+    for row in ("forward", "prefill", "decode", "generate"):   # rows with a transformers counterpart
         assert finite_positive(res[row]["hf_ms"]) and finite_positive(res[row]["ratio"]), res[row]
     assert finite_positive(res["latent_vs_decode"])
     assert res["max_logit_diff"] < 1e-4                  # the same random weights really are in both models
+    assert res["tokens_match"] == 1.0                    # and our generation step picks HF's greedy tokens
