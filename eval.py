@@ -667,7 +667,7 @@ def oracle_probe(m, prepared, feed="oracle", limit=0, batch_size=32):
         raise ValueError(f"oracle_probe: feed {feed!r}: expected oracle or none")
     keep = train.Records(prepared, tau=1.0)   # tau 1: nothing stripped, every span keeps its targets
     recs = train.Records(prepared, tau=1.0 if feed == "oracle" else -1.0)
-    idx = [i for i, r in enumerate(keep.records) if keep.start_id in r["input_ids"]]
+    idx = [i for i in range(len(keep)) if keep.start_id in keep.raw(i)[0]]
     idx = idx[:limit] if limit > 0 else idx
     device, hits = next(m.parameters()).device, []
     for j in tqdm(range(0, len(idx), batch_size), desc=f"oracle probe ({feed})", leave=False):
@@ -675,10 +675,10 @@ def oracle_probe(m, prepared, feed="oracle", limit=0, batch_size=32):
         # the tail: supervised tokens after the last <|latent_end|>, the same tokens with or without the spans
         tails = []
         for i in rows:
-            ids, labels = keep.records[i]["input_ids"], keep.records[i]["labels"]
+            ids, labels = (x.tolist() for x in keep.raw(i))
             last = len(ids) - 1 - ids[::-1].index(keep.end_id)
             tails.append(sum(t != prepare.IGNORE for t in labels[last + 1:]))
-        b = train.collate([recs.get(i) for i in rows], m.cfg.bos_token_id, recs.pixels)
+        b = train.collate([recs.get(i) for i in rows], m.cfg, recs.pad_id, recs.pixels)
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         with torch.no_grad():
             x = m.embed(b["input_ids"], b["pixel_values"], b["image_grid_thw"])          # (B, T, D)

@@ -8,7 +8,13 @@ GAP training: LM loss + lambda_latent x latent MSE (Eq. 2) with teacher forcing,
 
 One process runs the same code as torchrun (RANK / LOCAL_RANK / WORLD_SIZE). Defaults are the paper's: AdamW lr 1e-5
 (head 1e-5), weight decay 0.01 on matrices, cosine schedule with 3% warmup, global batch 128, micro-batch 1, 2 epochs,
-bf16 autocast on CUDA, seed 12345. The output folder is a loadable checkpoint for sample.py and eval.py.
+bf16 on CUDA, seed 12345. The output folder is a loadable checkpoint for sample.py and eval.py.
+
+Precision, one policy: on CPU everything is fp32. On CUDA with --fsdp the decoder blocks, the embedding and
+[norm, lm_head] are FSDP2 units with bf16 parameters for compute and fp32 gradient reduction over fp32 master shards;
+the frozen ViT is a bf16 replica outside the sharded units; the latent head and VaLR projectors stay fp32. Without
+--fsdp (DDP or one GPU) bf16 autocast runs over fp32 weights. Activation checkpointing and torch.compile are on by
+default on CUDA. Checkpoints are sharded (torch.distributed.checkpoint) and crash-safe; --resume continues exactly.
 
 Teacher forcing (DESIGN "Latent loop"): the input at latent pad j is the target v_j; the head reads h̄ at the
 position before pad j and predicts v̂_j; L = L_LM + lambda_latent * L_latent, each summed and divided by its global
@@ -27,15 +33,18 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -81,18 +90,27 @@ class TrainConfig:
                                         "help": "examples per optimizer step, over all ranks and accumulation steps"})
     micro_batch: int = field(default=1, metadata={"min": 1, "help": "examples per forward"})
     train_vision: bool = field(default=False, metadata={"help": "the ViT + merger stay frozen unless set"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder block"})
+    compile: bool = field(default=None, metadata={"help": "torch.compile each decoder block (default: on with CUDA)"})
     fsdp: bool = field(default=False,
                        metadata={"help": "FSDP2: shard params/grads/optimizer per decoder block (7B on 80 GB)"})
-    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each block in backward"})
+    activation_checkpointing: bool = field(default=None,
+                                           metadata={"help": "recompute blocks in backward (default: on with CUDA)"})
+    checkpoint_every: int = field(default=1, metadata={
+        "min": 1, "help": "with activation checkpointing, recompute every k-th block only (2: half, selective)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    workers: int = field(default=2, metadata={"min": 0,
+                                              "help": "DataLoader worker processes (0: load in the training process)"})
     save_every: int = field(default=0, metadata={"min": 0, "help": "checkpoint every N steps (0: only at the end)"})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoints/last exactly"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue exactly from the latest complete checkpoint in OUT/checkpoints (none yet: start at step 0)"})
     allow_config_change: bool = field(default=False, metadata={
         "help": "with --resume: continue although options that change the result differ from the checkpoint's"})
     stop_after: int = field(default=0,
                             metadata={"min": 0,
                                       "help": "stop after this many steps (simulates an interruption; 0: run all)"})
+    export_dtype: str = field(default="auto", metadata={"help": "final weights: bf16 on CUDA and fp32 on CPU by "
+                                                                "default", "choices": ["auto", "bf16", "fp32"]})
+    dist_timeout: int = field(default=1800, metadata={"min": 1, "help": "seconds a collective may wait before failing"})
     seed: int = 12345
     log_every: int = field(default=1, metadata={"min": 1, "help": "print a log line every N steps"})
 
@@ -113,8 +131,11 @@ def dist_init(cfg):
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1 and not dist.is_initialized():   # (a caller running several trainings may have set it up)
+        # an explicit timeout (NCCL's default is 10 min) and device_id, which binds the NCCL communicator to this GPU
+        # up front instead of guessing it at the first collective
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.dist_timeout),
+                                device_id=device if cuda else None)
     return rank, world, device
 
 
@@ -124,18 +145,34 @@ def all_sum(x, world):
     return x
 
 
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
 def print0(*a, rank=0, **k):
     if rank == 0:
         print(*a, **k, flush=True)
 
 
+def test_kill(point, step):
+    """Test hook: GAP_TEST_KILL_AT=<point>:<step> SIGKILLs this process right here (tests/test_train.py uses it to
+    prove a kill -9 mid-save or mid-swap leaves a checkpoint that --resume takes). Nothing else reads it."""
+    if os.environ.get("GAP_TEST_KILL_AT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# ---- data: prepared records, latent targets, stripping by tau ----
+# ---- data: packed records, latent targets, stripping by tau, length-balanced micro-batches, the DataLoader ----
 
 
 class Records:
     """The prepared folder: records.jsonl (token ids, labels, image path) and targets-*.safetensors (per record id,
-    (n_spans, N, d)). Spans of records with accuracy > tau are stripped here, so any tau reuses one folder."""
+    (n_spans, N, d)). Spans of records with accuracy > tau are stripped here, so any tau reuses one folder.
+
+    Token ids and labels are packed into two int32 numpy arrays with offsets (8 bytes per token, instead of ~70 as
+    Python int lists), which DataLoader workers share with the training process copy-on-write: nothing in them is
+    a Python object whose reference count a worker would touch."""
 
     def __init__(self, folder, tau):
         folder = Path(folder)
@@ -152,7 +189,8 @@ class Records:
             raise prepare.data_error(folder / "manifest.json", "manifest", "expected the manifest of a finished "
                                      f"`prepare.py build`, found {type(e).__name__}: {e}") from None
         self.pixels = (self.manifest.get("image_min_pixels", 56 * 56), self.manifest.get("image_max_pixels", 28 * 28 * 1280))
-        self.records, self.where, seen, path = [], {}, {}, folder / "records.jsonl"
+        self.ids, self.images, self.accuracy, tokens, labels, lengths = [], [], [], [], [], [0]
+        self.where, seen, path = {}, {}, folder / "records.jsonl"
         for line_no, line in prepare.jsonl_lines(path):
             try:
                 r = json.loads(line)
@@ -167,7 +205,15 @@ class Records:
             if r["id"] in seen:   # ids key the targets: a repeated one would train on another record's latents
                 raise bad("id", f"expected a unique id, found the id of line {seen[r['id']]} again")
             seen[r["id"]] = line_no
-            self.records.append(r)
+            self.ids.append(r["id"])
+            self.images.append(r["image"])
+            self.accuracy.append(r.get("accuracy"))
+            tokens.append(np.asarray(r["input_ids"], dtype=np.int32))
+            labels.append(np.asarray(r["labels"], dtype=np.int32))
+            lengths.append(len(r["input_ids"]))
+        self.tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+        self.offsets = np.cumsum(lengths)                                    # record i: [offsets[i], offsets[i+1])
         for shard in self.manifest["shards"]:
             with qm.open_safetensors(folder / shard) as f:
                 self.where.update({k: folder / shard for k in f.keys()})
@@ -177,47 +223,62 @@ class Records:
             for shard in ext["shards"]:
                 with qm.open_safetensors(folder / shard) as f:
                     self.external[name].update({k: folder / shard for k in f.keys()})
-        self.strip = [tau < 0 or (r.get("accuracy") is not None and r["accuracy"] > tau) for r in self.records]
+        self.strip = [tau < 0 or (a is not None and a > tau) for a in self.accuracy]
+        # per record after stripping: tokens, supervised next-token targets, latent pads (what a step's global
+        # counts, throughput and length balancing need, without loading a single image)
+        self.length, self.n_sup, self.n_lat = (np.zeros(len(self), np.int64) for _ in range(3))
+        for i in range(len(self)):
+            ids, lab = self.raw(i)
+            keep = ~np.isin(ids, (self.start_id, self.pad_id, self.end_id)) if self.strip[i] else slice(None)
+            self.length[i] = len(ids[keep])
+            self.n_sup[i] = (lab[keep][1:] != -100).sum()
+            self.n_lat[i] = 0 if self.strip[i] else (ids == self.pad_id).sum()
 
     def __len__(self):
-        return len(self.records)
+        return len(self.ids)
+
+    def raw(self, i):
+        """-> (input_ids, labels) of record i as stored (before stripping), int32 numpy views."""
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b], self.labels[a:b]
 
     def get(self, i):
         """-> dict(input_ids, labels (T,), image path, targets (n_latents_total, d) float32 or None, external
         {name: (n_spans, P, d) float32} or None). A --layout valr folder has no targets: its latents are fed back."""
-        r = self.records[i]
-        ids, labels = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
+        ids, labels = (torch.from_numpy(x.astype(np.int64)) for x in self.raw(i))
+        rid, image = self.ids[i], self.images[i]
         n_spans = int((ids == self.start_id).sum())
         if self.strip[i] or n_spans == 0:
             keep = (ids != self.start_id) & (ids != self.pad_id) & (ids != self.end_id)
-            return dict(id=r["id"], input_ids=ids[keep], labels=labels[keep], image=r["image"], targets=None,
-                        external=None)
+            return dict(id=rid, input_ids=ids[keep], labels=labels[keep], image=image, targets=None, external=None)
         external = {}
         for name, where in self.external.items():
-            with qm.open_safetensors(where[r["id"]]) as f:
-                external[name] = f.get_tensor(r["id"]).float()                  # (n_spans, P, d)
+            with qm.open_safetensors(where[rid]) as f:
+                external[name] = f.get_tensor(rid).float()                      # (n_spans, P, d)
             if external[name].shape[0] != n_spans:
-                raise prepare.DataError(f"{self.folder}: record {r['id']!r} has {n_spans} spans but external '{name}' "
+                raise prepare.DataError(f"{self.folder}: record {rid!r} has {n_spans} spans but external '{name}' "
                                         f"features of shape {tuple(external[name].shape)}")
         if not self.manifest["shards"]:
-            return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=None, external=external)
-        if r["id"] not in self.where:
-            raise prepare.DataError(f"{self.folder}: record {r['id']!r} has {n_spans} latent span(s) but no targets "
+            return dict(id=rid, input_ids=ids, labels=labels, image=image, targets=None, external=external)
+        if rid not in self.where:
+            raise prepare.DataError(f"{self.folder}: record {rid!r} has {n_spans} latent span(s) but no targets "
                                     f"tensor")
-        with qm.open_safetensors(self.where[r["id"]]) as f:
-            t = f.get_tensor(r["id"])                                        # (n_spans, N, d) bf16
+        with qm.open_safetensors(self.where[rid]) as f:
+            t = f.get_tensor(rid)                                            # (n_spans, N, d) bf16
         n_pads = int((ids == self.pad_id).sum())
         if t.shape[0] != n_spans or t.shape[0] * t.shape[1] != n_pads:
-            raise prepare.DataError(f"{self.folder}: record {r['id']!r} has {n_spans} spans / {n_pads} latent pads but "
+            raise prepare.DataError(f"{self.folder}: record {rid!r} has {n_spans} spans / {n_pads} latent pads but "
                                     f"targets of shape {tuple(t.shape)}")
-        return dict(id=r["id"], input_ids=ids, labels=labels, image=r["image"], targets=t.flatten(0, 1).float(),
+        return dict(id=rid, input_ids=ids, labels=labels, image=image, targets=t.flatten(0, 1).float(),
                     external=external)
 
 
-def collate(examples, fill_id, pixels=(56 * 56, 28 * 28 * 1280)):
-    """Right-pad a micro-batch: with causal attention no real token ever sees the padding, so no mask is needed."""
+def collate(examples, vlm_cfg, pad_id, pixels=(56 * 56, 28 * 28 * 1280)):
+    """Right-pad a micro-batch and build everything the forward needs, on the host (in a DataLoader worker): pixel
+    values, M-RoPE positions, the flat indices of supervised positions and latent pads. With causal attention no real
+    token ever sees the right padding, so no mask is needed."""
     T = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), T), fill_id, dtype=torch.long)
+    ids = torch.full((len(examples), T), vlm_cfg.bos_token_id, dtype=torch.long)   # <|endoftext|>, Qwen's pad
     labels = torch.full((len(examples), T), -100, dtype=torch.long)
     mask = torch.zeros(len(examples), T, dtype=torch.long)
     pv, grids, targets = [], [], []
@@ -229,25 +290,79 @@ def collate(examples, fill_id, pixels=(56 * 56, 28 * 28 * 1280)):
         grids.append(g)
         if e["targets"] is not None:
             targets.append(e["targets"])
-    d = dict(input_ids=ids, labels=labels, attention_mask=mask, pixel_values=torch.cat(pv),
-             image_grid_thw=torch.cat(grids), ids=[e["id"] for e in examples])
-    d["targets"] = torch.cat(targets) if targets else None
+    grid = torch.cat(grids)
+    pos, _ = qm.get_position_ids(vlm_cfg, ids, grid, mask)                         # (3, B, T)
+    # position t predicts token t+1: the LM loss reads h̄ at the positions whose next label is supervised
+    sup = F.pad(labels[:, 1:] != -100, (0, 1)).flatten()                           # (B*T,)
     ext = [e["external"] for e in examples if e["external"]]
-    d["external"] = {name: torch.cat([x[name] for x in ext]) for name in ext[0]} if ext else {}   # (n_spans, P, d)
-    return d
+    return dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=pos, pixel_values=torch.cat(pv), image_grid_thw=grid,
+                sup_pos=sup.nonzero().squeeze(1), sup_tgt=labels.flatten().roll(-1)[sup],
+                latent_pos=(ids.flatten() == pad_id).nonzero().squeeze(1),          # row-major, like the targets
+                targets=torch.cat(targets) if targets else None, ids=[e["id"] for e in examples],
+                external={n: torch.cat([x[n] for x in ext]) for n in ext[0]} if ext else {})   # (n_spans, P, d)
 
 
-def step_indices(n, cfg, step, world):
-    """The examples of optimizer step `step` (epoch-wise permutations from the seed): a pure function of the step,
-    so resuming needs only the step number. Each rank takes every world-th example of the global batch."""
-    steps_per_epoch = n // cfg.global_batch
-    epoch, s = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    return perm[s * cfg.global_batch:(s + 1) * cfg.global_batch]
+def step_plan(records, cfg, step, world):
+    """plan[j][r]: the records of rank r's j-th micro-batch in optimizer step `step`. A pure function of (seed, step),
+    so resuming needs only the step number. Each epoch is a seeded permutation; each global batch is sorted by
+    length (longest first) and dealt out so that the world x micro_batch examples of accumulation step j are
+    consecutive in that order: every rank runs a micro-batch of about the same length at the same time, and FSDP's
+    per-block collectives do not wait for the longest rank. Every example is used exactly once per epoch."""
+    G, per = cfg.global_batch, world * cfg.micro_batch
+    epoch, s = divmod(step, len(records) // G)
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    batch = sorted(perm[s * G:(s + 1) * G], key=lambda i: -records.length[i])   # stable: ties keep perm order
+    return [[batch[j * per + r:(j + 1) * per:world] for r in range(world)] for j in range(G // per)]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item k = (step, j) -> this rank's collated j-th micro-batch of that step (images decoded, positions built)."""
+
+    def __init__(self, records, cfg, vlm_cfg, rank, world):
+        self.records, self.cfg, self.vlm_cfg, self.rank, self.world = records, cfg, vlm_cfg, rank, world
+        self.accum = cfg.global_batch // (world * cfg.micro_batch)
+
+    def __len__(self):
+        return len(self.records) // self.cfg.global_batch * self.cfg.epochs * self.accum
+
+    def __getitem__(self, k):
+        step, j = divmod(k, self.accum)
+        idx = step_plan(self.records, self.cfg, step, self.world)[j][self.rank]
+        return collate([self.records.get(i) for i in idx], self.vlm_cfg, self.records.pad_id, self.records.pixels)
+
+
+def loader(data, start_step, cfg, pin):
+    """Micro-batches from `start_step` on, in order: workers decode images and build positions ahead of the GPU
+    (prefetch 4 micro-batches each), pinned memory lets the copy to the device overlap compute."""
+    order = range(start_step * data.accum, len(data))   # the sampler: the order is a pure function of the step
+    # its own generator: the DataLoader draws a worker seed when it starts, which would otherwise consume the global
+    # RNG (scheduled sampling's) at a different point in a resumed run than in an uninterrupted one
+    return torch.utils.data.DataLoader(data, batch_size=None, sampler=order, num_workers=cfg.workers, pin_memory=pin,
+                                       prefetch_factor=4 if cfg.workers else None,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- the model being trained: the VLM, the latent head, and (optionally) VaLR's REPA projectors ----
+# ---- the model being trained: the VLM, the latent head, and (optionally) the VaLR projector ----
+
+LOSS_CHUNK = 1024   # logits rows upcast to fp32 at once: 1024 x 152064 x 4 B = 0.62 GB, whatever the sequence length
+
+
+def ce_sum(logits, target):
+    return F.cross_entropy(logits.float(), target, reduction="sum")
+
+
+def lm_loss_sum(lm_head, h, pos, target, chunk=LOSS_CHUNK):
+    """Cross-entropy summed over the supervised positions only: h (N, D) flat, pos (n_sup,) rows of h whose next token
+    is supervised, target (n_sup,). The logits exist only for those rows (a 8k-token sample with 1k response tokens
+    needs 1k x 152064, not 8k x 152064), in the compute dtype; the fp32 softmax runs `chunk` rows at a time and is
+    recomputed in backward, so at most one chunk of fp32 logits is ever alive. lm_head is called once (an FSDP
+    unit's hooks fire once per forward)."""
+    logits = lm_head(h.index_select(0, pos))                                 # (n_sup, V)
+    if logits.shape[0] <= chunk:   # one chunk (or none: the sum of an empty tensor keeps lm_head in the graph)
+        return ce_sum(logits, target)
+    return sum(checkpoint(ce_sum, logits[i:i + chunk], target[i:i + chunk], use_reentrant=False)
+               for i in range(0, logits.shape[0], chunk))
 
 
 class GAP(nn.Module):
@@ -258,45 +373,45 @@ class GAP(nn.Module):
         self.latent_loss = latent_loss   # mean | sum over the d dims of one latent (see lh.latent_loss)
 
     def forward(self, batch, pad_id, ss_prob=0.0):
-        """-> (lm_sum, latent_sum, valr_sum): sums over this micro-batch (valr_sum over latent spans); the caller
-        divides by global counts."""
+        """The loss terms of one micro-batch -> (lm_sum, latent_sum, valr_sum): sums (valr_sum over latent spans);
+        the caller divides by the step's global counts over all micro-batches and ranks."""
         m, ids = self.vlm, batch["input_ids"]
         x = m.embed(ids, batch["pixel_values"], batch["image_grid_thw"])   # (B, T, D)
-        pos, _ = m.position_ids(ids, batch["image_grid_thw"], batch["attention_mask"])
-        lat = ids == pad_id                                                 # (B, T) latent pads
-        prev = F.pad(lat[:, 1:], (0, 1))                                    # (B, T) the position before each pad
-        v = batch["targets"]                                                # (n_lat, d) in row-major order
+        B, T, D = x.shape
+        pos, lat = batch["position_ids"], batch["latent_pos"]               # (3, B, T), (n_lat,) flat pad positions
+        prev = lat - 1                                                      # the head reads h̄ before each pad
+        v = batch["targets"]                                                # (n_lat, d) fp32, row-major order
         if v is not None:
             if ss_prob > 0:
                 # scheduled sampling: a no-grad teacher-forced pass predicts every latent, then a random subset of
                 # the inputs is replaced by those detached predictions for the pass that is trained
                 with torch.no_grad():
-                    h0 = m.decode(x.masked_scatter(lat[..., None], v.to(x.dtype)), pos)
-                    v_own = self.head(h0[prev]).float()
+                    h0 = m.decode(x.flatten(0, 1).index_copy(0, lat, v.to(x.dtype)).view(B, T, D), pos)
+                    v_own = self.head(h0.flatten(0, 1)[prev]).float()
                 pick = torch.rand(v.shape[0], device=v.device) < ss_prob
                 v_in = torch.where(pick[:, None], v_own, v)
             else:
                 v_in = v
-            x = x.masked_scatter(lat[..., None], v_in.to(x.dtype))          # teacher forcing: input at pad j is v_j
-        elif bool(lat.any()):
+            x = x.flatten(0, 1).index_copy(0, lat, v_in.to(x.dtype)).view(B, T, D)   # input at pad j is v_j
+        elif lat.numel():
             # no targets (a --layout valr folder): output-as-input, the latents generation would feed, each the
             # head's feedback from h̄ before it, rolled out without grad through the KV cache with the text as given
-            x = x.masked_scatter(lat[..., None], sample.rollout_latents(m, self.head, x, pos, lat).to(x.dtype))
+            is_lat = ids == pad_id                                          # (B, T)
+            x = x.masked_scatter(is_lat[..., None], sample.rollout_latents(m, self.head, x, pos, is_lat).to(x.dtype))
         use_valr = self.valr is not None
         h, layers = m.decode(x, pos, return_layers=True) if use_valr else (m.decode(x, pos), None)
-        logits = m.lm_head(h[:, :-1]).float()                               # (B, T-1, V): predicts token t+1
-        lm_sum = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100,
-                                 reduction="sum")
+        h = h.flatten(0, 1)                                                 # (B*T, D)
+        lm_sum = lm_loss_sum(m.lm_head, h, batch["sup_pos"], batch["sup_tgt"])
         if v is None:   # every span stripped, or no targets (VaLR: no latent MSE): run the head on no rows, so
-            v = h.new_zeros(0, h.shape[-1], dtype=torch.float32)            # DDP/FSDP still see its parameters used
-        v_hat = self.head(h[prev] if v.shape[0] else h[:, :0].flatten(0, 1))   # Eq. 1, (n_lat, d) fp32
+            v = h.new_zeros(0, D, dtype=torch.float32)                      # DDP/FSDP still see its parameters used
+        v_hat = self.head(h[prev] if v.shape[0] else h[:0])                 # Eq. 1, (n_lat, d) fp32
         lat_sum = lh.latent_loss(v_hat, v, reduction="sum", over_d=self.latent_loss)   # Eq. 2, summed over latents
         valr_sum = h.new_zeros((), dtype=torch.float32)
         if use_valr:
             # REPA: latent j's features are the --repa-layer state where it is produced (the position before pad j,
             # as for the head), K per span; "gap" aligns to the aux-image ViT targets, the others to --external ones
             K = self.n_latents
-            feats = layers[self.repa_layer][prev].view(-1, K, h.shape[-1])   # (n_spans, K, D)
+            feats = layers[self.repa_layer].flatten(0, 1)[prev].view(-1, K, D)   # (n_spans, K, D)
             ext = batch["external"]
             targets = {n: (v.view(-1, K, v.shape[-1]) if n == "gap" else ext[n].to(h.device) if n in ext
                            else h.new_zeros(0, 1, p.d_target)) for n, p in self.valr.items()}   # (n_spans, P, d)
@@ -304,8 +419,47 @@ class GAP(nn.Module):
         return lm_sum, lat_sum, valr_sum
 
 
-def build(cfg, records, device, rank, world):
-    vlm = qm.load_pretrained(cfg.model, dtype=torch.float32, device=device)   # fp32 master weights; bf16 autocast
+def sum_gradients_hook(_, bucket):
+    # DDP's default hook averages over ranks; the loss is already divided by the global counts, so reduce by sum
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def shard(gap, cfg, cuda):
+    """FSDP2 units: each decoder block, the embedding, [norm, lm_head] (one unit: it runs last and its gradients
+    are needed first, so it is not resharded after forward), the latent head and VaLR projectors (fp32), the root.
+    On CUDA the units compute with bf16 copies of their fp32 shards and reduce gradients in fp32; on CPU all fp32."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    vlm = gap.vlm
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    fp32 = MixedPrecisionPolicy()
+    for layer in vlm.model.layers:
+        fully_shard(layer, mp_policy=bf16)
+    if vlm.cfg.tie_word_embeddings:   # 3B: one tensor is both the embedding and lm_head, so they share a unit
+        fully_shard([vlm.model.embed_tokens, vlm.model.norm, vlm.lm_head], mp_policy=bf16, reshard_after_forward=False)
+    else:
+        fully_shard(vlm.model.embed_tokens, mp_policy=bf16)
+        fully_shard([vlm.model.norm, vlm.lm_head], mp_policy=bf16, reshard_after_forward=False)
+    if cfg.train_vision:
+        fully_shard(vlm.visual, mp_policy=bf16)
+    for extra in [gap.head, *(gap.valr.values() if gap.valr else [])]:   # each called as a module: own unit
+        if any(True for _ in extra.parameters()):
+            fully_shard(extra, mp_policy=fp32)
+    # the frozen ViT (670M parameters at 7B, 1.3 GB in bf16) is replicated: sharding it would add an all-gather per
+    # forward for weights that never change
+    frozen = set() if cfg.train_vision else set(vlm.visual.parameters())
+    fully_shard(gap, mp_policy=fp32, ignored_params=frozen)
+    for m in gap.modules():
+        if isinstance(m, FSDPModule):
+            # reduce-scatter sums instead of averaging: the loss is already divided by the global counts (NCCL
+            # does it as PREMUL_SUM(1); gloo has no PREMUL_SUM, so plain SUM there)
+            m.set_gradient_divide_factor(1.0)
+            if not cuda:
+                m.set_force_sum_reduction_for_comms(True)
+
+
+def build(cfg, records, device, world):
+    cuda = device.type == "cuda"
+    vlm = qm.load_pretrained(cfg.model, dtype=torch.float32, device=device)   # fp32 master weights
     vocab = vlm.cfg.text.vocab_size
     if max(records.start_id, records.pad_id, records.end_id) >= vocab:
         raise prepare.DataError(f"latent token ids {records.start_id}..{records.end_id} from {cfg.data}/manifest.json "
@@ -324,21 +478,30 @@ def build(cfg, records, device, rank, world):
         projectors = {name: lh.VaLRProjector(d, dim).to(device) for name, dim in repa_encoders(cfg, records).items()}
     for p in vlm.visual.parameters():
         p.requires_grad_(cfg.train_vision)
-    if cfg.activation_checkpointing:
-        for layer in vlm.model.layers:   # recompute each block in backward; state_dict keys stay the same
+    if cuda and not cfg.train_vision:
+        vlm.visual.to(torch.bfloat16)   # frozen: no fp32 master copy needed (PatchEmbed casts pixels to its dtype)
+    ac = cuda if cfg.activation_checkpointing is None else cfg.activation_checkpointing
+    if ac:
+        for layer in vlm.model.layers[::cfg.checkpoint_every]:   # recompute in backward; state_dict keys unchanged
             layer.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(layer.forward)
-    if cfg.compile:
+    if cuda if cfg.compile is None else cfg.compile:
         for layer in vlm.model.layers:   # in-place Module.compile keeps the uncompiled names for saving
             layer.compile()
     gap = GAP(vlm, head, projectors, cfg.repa_layer, records.n_latents, cfg.latent_loss)
+    n_train = sum(p.numel() for p in gap.parameters() if p.requires_grad)
+    if cuda and not cfg.fsdp:
+        # fp32 weights + fp32 gradients + AdamW's two moments: 16 bytes per trained parameter on every GPU
+        need, have = 16 * n_train, torch.cuda.get_device_properties(device).total_memory
+        if need > 0.9 * have:
+            raise ValueError(f"{cfg.model}: {n_train / 1e9:.1f}B trained parameters need {need / 2 ** 30:.0f} GiB of "
+                             f"weights, gradients and AdamW state per GPU without sharding, more than the "
+                             f"{have / 2 ** 30:.0f} GiB of {torch.cuda.get_device_name(device)}: use --fsdp")
     if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in vlm.model.layers:
-            fully_shard(layer)
-        fully_shard(gap)
+        shard(gap, cfg, cuda)
         wrapped = gap
     elif world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(gap, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = nn.parallel.DistributedDataParallel(gap, device_ids=[device.index] if cuda else None)
+        wrapped.register_comm_hook(None, sum_gradients_hook)
     else:
         wrapped = gap
     # two parameter groups (backbone lr, head lr), weight decay on matrices only (not norms, biases)
@@ -348,7 +511,7 @@ def build(cfg, records, device, rank, world):
         groups += [dict(params=[p for p in params if p.dim() >= 2], lr=lr, weight_decay=cfg.weight_decay),
                    dict(params=[p for p in params if p.dim() < 2], lr=lr, weight_decay=0.0)]
     groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=cuda)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return gap, wrapped, opt, basis
@@ -376,85 +539,129 @@ def lr_factor(step, total, warmup_ratio):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- checkpoints: atomic, complete, resumable ----
+# ---- checkpoints: sharded, crash-safe, resumable ----
+#
+# OUT/checkpoints/step-00000040/ holds the torch.distributed.checkpoint shards (each rank writes its own part of the
+# model and optimizer state), rng-<rank>.pt (every rank's RNG) and meta.json. A save writes into tmp-step-N/, and
+# only when every rank has finished does rank 0 rename it to step-N/ (one atomic rename: a folder named step-* is
+# always complete), then move older ones aside and delete them. A kill -9 at any moment leaves the previous step-*
+# folder, or the new one, or both; --resume takes the newest and the next save clears whatever a killed save left.
 
 
-def full_state(gap, opt, cfg):
-    """Full (unsharded) model and optimizer state dicts; opt may be None."""
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        if opt is None:
-            return get_model_state_dict(gap, options=options), None
-        return get_state_dict(gap, opt, options=options)
-    return gap.state_dict(), opt.state_dict() if opt is not None else None
+def latest_checkpoint(out):
+    """-> (step, folder) of the newest complete checkpoint, or None."""
+    found = []
+    for p in (Path(out) / "checkpoints").glob("step-*"):
+        if (p / "meta.json").exists() and (p / ".metadata").exists():
+            found.append((read_meta(p)["step"], p))
+    return max(found) if found else None
 
 
-def save_checkpoint(gap, opt, cfg, step, rank):
-    model_sd, opt_sd = full_state(gap, opt, cfg)
-    if rank != 0:
-        return
-    root = Path(cfg.out) / "checkpoints"
-    tmp, final = root / f"tmp-{step}", root / "last"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()
-               if not (k == "vlm.lm_head.weight" and gap.vlm.cfg.tie_word_embeddings)}, tmp / "model.safetensors")
+def read_meta(folder):
+    """A checkpoint's meta.json (step, world size, config). It is written before the folder gets its step-* name, so
+    an unreadable one is damage, not an interrupted save: named, never skipped."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["step"] = int(meta["step"])
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise prepare.data_error(folder / "meta.json", "file", f"expected a checkpoint's meta.json, found an "
+                                                              f"unreadable one ({type(e).__name__}: {e})") from None
+
+
+def rng_state(device):
     rng = dict(torch=torch.get_rng_state())   # all training randomness (scheduled sampling) draws from torch
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(dict(optimizer=opt_sd, step=step, rng=rng, config=dataclasses.asdict(cfg)), tmp / "state.pt")
-    old = root / "old"
-    if final.exists():
-        final.rename(old)       # swap, then delete: a crash leaves either the old or the new one whole
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
 
 
-def load_checkpoint(gap, opt, cfg):
-    root = Path(cfg.out) / "checkpoints" / "last"
-    if not (root / "state.pt").exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {root}")
-    with qm.open_safetensors(root / "model.safetensors") as f:
-        model_sd = {k: f.get_tensor(k) for k in f.keys()}
-    if gap.vlm.cfg.tie_word_embeddings:
-        model_sd["vlm.lm_head.weight"] = model_sd["vlm.model.embed_tokens.weight"]
-    # weights_only: optimizer tensors, ints, floats and RNG byte tensors only; nothing in it is ever executed
-    state = read_state(root / "state.pt")
-    if cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(gap, opt, model_state_dict=model_sd, optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        gap.load_state_dict(model_sd, strict=True)
-        opt.load_state_dict(state["optimizer"])
-    rng = state["rng"]
+def save_checkpoint(gap, opt, cfg, step, rank, world, device):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    root = Path(cfg.out) / "checkpoints"
+    tmp, final = root / f"tmp-step-{step:08d}", root / f"step-{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    model_sd, optim_sd = get_state_dict(gap, opt)   # sharded (DTensor) with FSDP: nothing is gathered
+    dcp.save(dict(model=model_sd, optim=optim_sd), checkpoint_id=tmp)   # every rank writes its shards, rank 0 .metadata
+    torch.save(rng_state(device), tmp / f"rng-{rank}.pt")
+    test_kill("mid-save", step)
+    barrier(world)
+    if rank == 0:
+        meta = dict(step=step, world=world, config=dataclasses.asdict(cfg))
+        with open(tmp / "meta.json", "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)        # the commit point
+        test_kill("swap", step)
+        for old in root.iterdir():    # older checkpoints and what killed saves left behind
+            if old != final:
+                trash = root / f"trash-{old.name}"
+                if not old.name.startswith("trash-"):
+                    os.replace(old, trash)   # out of the step-* namespace first, so a half-deleted one is never seen
+                shutil.rmtree(trash if trash.exists() else old, ignore_errors=True)
+    barrier(world)
+
+
+def load_checkpoint(gap, opt, cfg, rank, device):
+    """Restore the newest complete checkpoint -> its step; with none yet, say so and return 0 (a restart script can
+    always pass --resume)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    found = latest_checkpoint(cfg.out)
+    if found is None:
+        print0(f"--resume: no complete checkpoint in {cfg.out}/checkpoints yet; starting from step 0", rank=rank)
+        return 0
+    step, folder = found
+    model_sd, optim_sd = get_state_dict(gap, opt)
+    state = dict(model=model_sd, optim=optim_sd)
+    dcp.load(state, checkpoint_id=folder)   # in place, each rank reading the shards it owns
+    set_state_dict(gap, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = read_state(folder / f"rng-{rank}.pt")   # RNG byte tensors only (weights_only: nothing executed)
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state["step"]
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    print0(f"resumed from {folder} (step {step})", rank=rank)
+    return step
 
 
-def export(gap, cfg, records, basis, rank):
-    """The final folder: HF-layout model + tokenizer + latent head + PCA basis + gap.json (what sample.py reads)."""
-    model_sd, _ = full_state(gap, None, cfg)   # with FSDP a collective that gathers the shards: every rank joins
+def export(gap, cfg, records, basis, rank, device):
+    """The final folder: HF-layout model (bf16 on CUDA) + tokenizer + latent head (fp32) + PCA basis + gap.json (what
+    sample.py reads). Each sharded tensor is gathered once, in order, on every rank; rank 0 keeps a CPU copy. The
+    files go to OUT/export.tmp first and are then renamed into OUT one by one, gap.json last: a folder with a
+    gap.json is a complete export (a kill before that leaves the last checkpoint, and --resume exports again)."""
+    from torch.distributed.tensor import DTensor
+    dtype = prepare.resolve_dtype(cfg.export_dtype, device)
+    state = {}
+    for k, v in gap.state_dict().items():
+        v = v.full_tensor() if isinstance(v, DTensor) else v   # a collective: every rank joins, same order
+        if rank == 0:
+            state[k] = v.detach().cpu()
     if rank != 0:
         return
     out = Path(cfg.out)
-    qm.save_pretrained(gap.vlm, out, state_dict={k[4:]: v for k, v in model_sd.items() if k.startswith("vlm.")})
+    tmp = out / "export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (out / "gap.json").unlink(missing_ok=True)
+    qm.save_pretrained(gap.vlm, tmp, state_dict={k[4:]: v.to(dtype) for k, v in state.items() if k.startswith("vlm.")})
     # tokenizer (with the latent tokens), chat template, processor and generation configs: a complete hub folder
-    prepare.write_hub_files(out, prepare.load_tokenizer(cfg.data), gap.vlm.cfg, records.pixels, base=cfg.model)
+    prepare.write_hub_files(tmp, prepare.load_tokenizer(cfg.data), gap.vlm.cfg, records.pixels, base=cfg.model)
     if cfg.latent_head != "raw":   # a plain CPU copy of the head, filled from the full state
         head = lh.make_head(cfg.latent_head, gap.vlm.cfg.text.hidden_size, basis)
-        head.load_state_dict({k[5:]: v for k, v in model_sd.items() if k.startswith("head.")}, strict=True)
-        lh.save_head(head, out / "latent_head.safetensors")
+        head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")}, strict=True)
+        lh.save_head(head, tmp / "latent_head.safetensors")
     if basis is not None:
-        basis.save(out / "pca.safetensors")
+        basis.save(tmp / "pca.safetensors")
     gap_json = dict(latent_head=cfg.latent_head, n_latents=records.n_latents, tau=cfg.tau,
                     latent_ids=dict(start=records.start_id, pad=records.pad_id, end=records.end_id),
                     vision_norm=records.manifest.get("target_norm"), lambda_latent=cfg.lambda_latent, latent_loss=cfg.latent_loss,
                     image_min_pixels=records.pixels[0], image_max_pixels=records.pixels[1])
-    (out / "gap.json").write_text(json.dumps(gap_json, indent=2) + "\n")
+    (tmp / "gap.json").write_text(json.dumps(gap_json, indent=2) + "\n")
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "gap.json"):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,7 +671,7 @@ def export(gap, cfg, records, basis, rank):
 # (activation checkpointing and FSDP are exact; the device changes rounding only). Any other difference between a
 # checkpoint's config and the resuming run's would silently splice two different runs together.
 RESUME_FREE = ("out", "resume", "allow_config_change", "save_every", "stop_after", "log_every", "device", "compile",
-               "activation_checkpointing", "fsdp")
+               "activation_checkpointing", "checkpoint_every", "fsdp", "workers", "export_dtype", "dist_timeout")
 
 
 def read_state(path, mmap=False):
@@ -506,19 +713,48 @@ def check_inputs(cfg):
                  "the same vocabulary with another normalizer, pre-tokenizer or merges")
         raise prepare.data_error(theirs, "tokenizer", f"expected the tokenizer {mine} was prepared with, found "
                                                       f"{found}; run prepare.py build with this --model")
-    state = Path(cfg.out) / "checkpoints" / "last" / "state.pt"
-    if cfg.resume and state.is_file():   # mmap: reads the config, not the optimizer tensors
-        check_resume_config(cfg, read_state(state, mmap=True).get("config", {}), state)
+    found = latest_checkpoint(cfg.out) if cfg.resume else None
+    if found:
+        check_resume_config(cfg, read_meta(found[1]).get("config", {}), found[1] / "meta.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- throughput: model FLOPs utilisation ----
+
+# dense bf16 tensor-core peak per GPU (NVIDIA datasheets, no 2:4 sparsity); the first name found in the device name wins
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+              ("B200", 2250e12), ("A100", 312e12))
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS if k in name), None)
+
+
+def train_flops(text, lengths, n_sup):
+    """Model FLOPs of one forward + backward over sequences of `lengths` tokens with n_sup supervised positions:
+      6 x (matmul parameters of the decoder blocks) x tokens      2 FLOPs per multiply-add, x3 for forward + backward
+    + 6 x d x V x n_sup                                           lm_head runs at supervised positions only
+    + 6 x L x n_heads x head_dim x sum(T^2)                       causal attention: QK^T and AV are each T^2/2 x hd
+                                                                  multiply-adds per head forward, x2 FLOPs, x3
+    Recomputation (activation checkpointing) and the frozen ViT's forward are not counted: MFU counts the model's work.
+    """
+    d, hd, L = text.hidden_size, text.head_dim, text.num_hidden_layers
+    block = d * hd * (2 * text.num_attention_heads + 2 * text.num_key_value_heads) + 3 * d * text.intermediate_size
+    lengths = np.asarray(lengths, dtype=np.float64)
+    return 6 * L * block * lengths.sum() + 6 * d * text.vocab_size * n_sup \
+        + 6 * L * text.num_attention_heads * hd * (lengths ** 2).sum()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # ---- the loop ----
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16
-
 
 def main(cfg):
     prepare.check_options(cfg)
+    owned = not dist.is_initialized()
     rank, world, device = dist_init(cfg)
     torch.manual_seed(cfg.seed)
     records = Records(cfg.data, cfg.tau)
@@ -532,64 +768,78 @@ def main(cfg):
     if steps_per_epoch == 0:
         raise prepare.DataError(f"{cfg.data}: {len(records)} records < --global-batch {cfg.global_batch}")
     total = steps_per_epoch * cfg.epochs
-    gap, wrapped, opt, basis = build(cfg, records, device, rank, world)
+    gap, wrapped, opt, basis = build(cfg, records, device, world)
     n_params = sum(p.numel() for p in gap.parameters())
     n_train = sum(p.numel() for p in gap.parameters() if p.requires_grad)
     print0(f"params {n_params / 1e6:.2f}M ({n_train / 1e6:.2f}M trained) | records {len(records)} "
            f"({sum(records.strip)} stripped by tau={cfg.tau}) | {world} rank(s) x {accum} accumulation x "
            f"micro-batch {cfg.micro_batch} = {cfg.global_batch} | {total} steps | {device}", rank=rank)
-    fill_id = gap.vlm.cfg.bos_token_id   # <|endoftext|>, Qwen's pad token, fills the right padding
-    step = load_checkpoint(gap, opt, cfg) if cfg.resume else 0
-    # bf16 autocast on CUDA over fp32 master weights (the heads compute in fp32 inside); plain fp32 on CPU
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    step = load_checkpoint(gap, opt, cfg, rank, device) if cfg.resume else 0
+    cuda = device.type == "cuda"
+    # DDP / one GPU: bf16 autocast over fp32 weights; FSDP2 casts per unit instead (MixedPrecisionPolicy); CPU: fp32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and not cfg.fsdp)
+    peak = peak_flops(device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl", "a" if cfg.resume else "w") if rank == 0 else None
+    metrics = None
+    if rank == 0:
+        path = out / "metrics.jsonl"
+        rows = path.read_text().splitlines() if cfg.resume and path.exists() else []
+        rows = [r for r in rows if json.loads(r)["step"] <= step]   # a step logged after the checkpoint runs again
+        path.write_text("".join(r + "\n" for r in rows))
+        metrics = open(path, "a")
+    data = MicroBatches(records, cfg, gap.vlm.cfg, rank, world)
+    batches = iter(loader(data, step, cfg, pin=cuda))
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     while step < total:
         t0 = time.time()
-        idx = step_indices(len(records), cfg, step, world)[rank::world]
-        micro = [collate([records.get(i) for i in idx[j:j + cfg.micro_batch]], fill_id, records.pixels)
-                 for j in range(0, len(idx), cfg.micro_batch)]
-        # global counts first, so every micro-batch's sum is divided by the same number (STYLE 17)
-        counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                               sum(int((b["input_ids"] == records.pad_id).sum()) for b in micro)],   # latents
-                              dtype=torch.float64, device=device)
-        n_tok, n_lat = all_sum(counts, world).tolist()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        # the step's global counts come from the plan on the host (every rank computes the same): each micro-batch's
+        # sum is divided by the same numbers, with no collective before the first forward
+        plan = step_plan(records, cfg, step, world)
+        every = [i for micro in plan for idx in micro for i in idx]
+        n_tok, n_lat = int(records.n_sup[every].sum()), int(records.n_lat[every].sum())
         n_spans = n_lat / records.n_latents   # L_REPA is a mean over spans (each the mean over its patches)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup_ratio)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for j, b in enumerate(micro):
-            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-            sync = j == len(micro) - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
+        bad = torch.zeros(world, accum, dtype=torch.float64, device=device)   # non-finite flags, one per micro-batch
+        for j in range(accum):
+            b = next(batches)
+            b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+            sync = j == accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
             ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()   # all-reduce on the last only
             with ctx, autocast:
                 lm_sum, lat_sum, valr_sum = wrapped(b, records.pad_id, cfg.scheduled_sampling)
                 loss = lm_sum / max(n_tok, 1) + cfg.lambda_latent * lat_sum / max(n_lat, 1) \
                     + cfg.repa_weight * valr_sum / max(n_spans, 1)
-                # DDP averages gradients over ranks; the loss is already a global mean, so undo that average
-                (loss * (world if world > 1 and not cfg.fsdp else 1)).backward()
-            sums += torch.stack([lm_sum.detach(), lat_sum.detach(), valr_sum.detach()]).double()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}, batch ids {b['ids']}: lm {lm_sum.item()} "
-                                         f"latent {lat_sum.item()}; the last good checkpoint is in {out}/checkpoints")
-        if cfg.fsdp and world > 1:   # FSDP2 reduce-scatters with an average; the loss is a global mean already
-            for p in gap.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(world)
+                loss.backward()
+            part = torch.stack([lm_sum.detach(), lat_sum.detach(), valr_sum.detach()]).double()
+            sums += part
+            # on the device: no host sync per micro-batch
+            bad[rank, j] = (~torch.isfinite(torch.cat([part, loss.detach()[None].double()])).all()).double()
+        # one collective and one host sync per step: the loss sums and every rank's non-finite flags
+        flat = all_sum(torch.cat([sums, bad.flatten()]), world).tolist()
+        flags = np.asarray(flat[3:]).reshape(world, accum)
+        if flags.any():   # every rank sees the same flags, so every rank stops here, before the optimizer step
+            r, j = (int(x) for x in np.argwhere(flags)[0])
+            raise FloatingPointError(
+                f"non-finite loss at step {step} (rank {r}, micro-batch {j}), batch ids "
+                f"{[records.ids[i] for i in plan[j][r]]}: lm {flat[0]} latent {flat[1]}; the last good checkpoint "
+                f"is in {out}/checkpoints (train.py --resume continues from it)")
         gnorm = nn.utils.clip_grad_norm_(gap.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        sums = all_sum(sums, world)
-        lm, lat, valr = sums[0].item() / max(n_tok, 1), sums[1].item() / max(n_lat, 1), sums[2].item() / max(n_spans, 1)
+        lm, lat, valr = flat[0] / max(n_tok, 1), flat[1] / max(n_lat, 1), flat[2] / max(n_spans, 1)
         dt = time.time() - t0
-        tok_s = sum(int(b["attention_mask"].sum()) for b in micro) * world / dt
-        mfu = 6 * n_train * tok_s / (peak * world) if peak else None
+        tok_s = float(records.length[every].sum()) / dt
+        # MFU = model FLOPs of the step (all ranks) / (seconds x peak FLOP/s x ranks); see train_flops
+        mfu = train_flops(gap.vlm.cfg.text, records.length[every], n_tok) / (dt * peak * world) if peak else None
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
         row = dict(step=step, lm_loss=lm, latent_loss=lat, valr_loss=valr, lr=opt.param_groups[0]["lr"],
-                   grad_norm=float(gnorm), tokens_per_s=tok_s, mfu=mfu, n_latents=int(n_lat))
+                   grad_norm=float(gnorm), tokens_per_s=tok_s, mfu=mfu, peak_mem_gib=mem, n_latents=n_lat)
         if rank == 0:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
@@ -597,22 +847,25 @@ def main(cfg):
                 eta = (total - step) * dt
                 bar.write(f"step {step}/{total} | lm {lm:.4f} | latent {lat:.4f}" + (f" | valr {valr:.4f}" if
                           cfg.repa_layer >= 0 else "") + f" | lr {row['lr']:.2e} | {tok_s:.0f} tok/s" +
-                          (f" | mfu {mfu:.1%}" if mfu else "") + f" | eta {eta:.0f}s")
+                          (f" | mfu {mfu:.1%}" if mfu else "") + (f" | peak {mem:.1f} GiB" if cuda else "") +
+                          f" | eta {eta:.0f}s")
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save_checkpoint(gap, opt, cfg, step, rank)
+            save_checkpoint(gap, opt, cfg, step, rank, world, device)
         if cfg.stop_after and step >= cfg.stop_after and step < total:
-            save_checkpoint(gap, opt, cfg, step, rank)
+            save_checkpoint(gap, opt, cfg, step, rank, world, device)
             print0(f"stopped after step {step} (--stop-after); continue with --resume", rank=rank)
             break
     else:
-        save_checkpoint(gap, opt, cfg, step, rank)
-        export(gap, cfg, records, basis, rank)
+        if latest_checkpoint(cfg.out) is None or latest_checkpoint(cfg.out)[0] != step:
+            save_checkpoint(gap, opt, cfg, step, rank, world, device)
+        export(gap, cfg, records, basis, rank, device)
         print0(f"wrote {out} (model, tokenizer, latent head, PCA basis, gap.json)", rank=rank)
     bar.close()
+    del batches   # stops the DataLoader's workers
     if metrics:
         metrics.close()
-    if world > 1:
+    if world > 1 and owned:
         dist.destroy_process_group()
     return gap
 

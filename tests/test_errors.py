@@ -204,7 +204,7 @@ def _train_argv(syn, out, *extra):
 def test_resume_refuses_a_changed_config(syn, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     train.main(train.parse_args(_train_argv(syn, out, "--stop-after", "1")))
-    state = out / "checkpoints" / "last" / "state.pt"
+    state = train.latest_checkpoint(out)[1] / "meta.json"
     # --save-every and --log-every do not change the result; the lr and the seed do
     argv = _train_argv(syn, out, "--resume", "--lr", "1e-3", "--seed", "1", "--save-every", "2", "--log-every", "2")
     code, line = run_script("train.py", argv, monkeypatch, capsys)
@@ -217,11 +217,17 @@ def test_resume_refuses_a_changed_config(syn, tmp_path, monkeypatch, capsys):
 
 
 def test_unreadable_state_file(syn, tmp_path, monkeypatch, capsys):
-    state = tmp_path / "run" / "checkpoints" / "last" / "state.pt"
-    state.parent.mkdir(parents=True)
-    state.write_bytes(b"PK\x03\x04 cut short")
+    folder = tmp_path / "run" / "checkpoints" / "step-00000001"
+    folder.mkdir(parents=True)
+    (folder / ".metadata").write_bytes(b"")
+    (folder / "meta.json").write_text('{"step": 1, "conf')   # damaged (a save writes it before the rename)
     code, line = run_script("train.py", _train_argv(syn, tmp_path / "run", "--resume"), monkeypatch, capsys)
-    assert code == 1 and line.startswith(f"error: {state}: file: expected a torch state file, found an unreadable")
+    assert code == 1 and line.startswith(f"error: {folder / 'meta.json'}: file: expected a checkpoint's meta.json, "
+                                         f"found an unreadable one")
+    (folder / "meta.json").write_text('{"step": 1}')
+    (folder / "rng-0.pt").write_bytes(b"PK\x03\x04 cut short")
+    code, line = run_script("train.py", _train_argv(syn, tmp_path / "run", "--resume"), monkeypatch, capsys)
+    assert code == 1 and "error: " in line
 
 
 def test_data_prepared_with_another_tokenizer(syn, tmp_path, monkeypatch, capsys):
