@@ -224,10 +224,7 @@ def test_unreadable_state_file(syn, tmp_path, monkeypatch, capsys):
     code, line = run_script("train.py", _train_argv(syn, tmp_path / "run", "--resume"), monkeypatch, capsys)
     assert code == 1 and line.startswith(f"error: {folder / 'meta.json'}: file: expected a checkpoint's meta.json, "
                                          f"found an unreadable one")
-    (folder / "meta.json").write_text('{"step": 1}')
-    (folder / "rng-0.pt").write_bytes(b"PK\x03\x04 cut short")
-    code, line = run_script("train.py", _train_argv(syn, tmp_path / "run", "--resume"), monkeypatch, capsys)
-    assert code == 1 and "error: " in line
+
 
 
 def test_data_prepared_with_another_tokenizer(syn, tmp_path, monkeypatch, capsys):

@@ -227,7 +227,7 @@ def test_oracle_probe_feeds_true_targets(syn, monkeypatch):
     import train
     m = gapmodel.load_pretrained(syn / "model")
     recs = train.Records(syn / "prepared", tau=1.0)
-    with_spans = [i for i, r in enumerate(recs.records) if recs.start_id in r["input_ids"]]
+    with_spans = [i for i in range(len(recs)) if recs.start_id in recs.raw(i)[0]]
     ids_in, x_in, embed, decode = [], [], m.embed, m.decode
     monkeypatch.setattr(m, "embed", lambda ids, *a: ids_in.append(ids) or embed(ids, *a))
     monkeypatch.setattr(m, "decode", lambda x, pos, **k: x_in.append(x) or decode(x, pos, **k))
