@@ -240,20 +240,21 @@ def score_record(rec, text, scoring, dataset):
 
 
 def resolve_scoring(opts, records):
-    """auto -> vlmeval for a TSV whose task VLMEvalKit's exact matching covers, else gap (with a note)."""
-    dataset, is_tsv = Path(opts.data).stem, Path(opts.data).suffix.lower() == ".tsv"
+    """-> (scoring, note). auto: vlmeval for a TSV whose task VLMEvalKit's exact matching covers, else gap."""
+    is_tsv = Path(opts.data).suffix.lower() == ".tsv"
     scoring = opts.scoring if opts.scoring != "auto" else ("vlmeval" if is_tsv else "gap")
-    if scoring == "vlmeval":
-        if not is_tsv:
-            raise ValueError(f"--scoring vlmeval needs a VLMEvalKit TSV, not {opts.data}")
-        try:
-            vlmevalkit.check_supported(records[0]["kind"], dataset)
-        except ValueError as e:
-            if opts.scoring == "vlmeval":
-                raise
-            print(f"note: {e}: scoring with gap", file=sys.stderr)
-            scoring = "gap"
-    return scoring
+    if scoring != "vlmeval" or all(r["answer"] is None for r in records):   # a test split: nothing to score
+        return scoring, None
+    if not is_tsv:
+        raise prepare.data_error(opts.data, "scoring", "expected a VLMEvalKit .tsv for --scoring vlmeval, found "
+                                                       "another format")
+    try:
+        vlmevalkit.check_supported(records[0]["kind"], opts.data)
+    except prepare.DataError as e:
+        if opts.scoring == "vlmeval":
+            raise
+        return "gap", f"{e}; --scoring auto falls back to gap"
+    return scoring, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -431,8 +432,11 @@ def evaluate(opts, bundle=None):
     records = records[:opts.limit] if opts.limit > 0 else records
     if not records:
         raise prepare.DataError(f"{opts.data}: no records")
-    opts = dataclasses.replace(opts, scoring=resolve_scoring(opts, records))
+    scoring, note = resolve_scoring(opts, records)
+    opts = dataclasses.replace(opts, scoring=scoring)
     if rank == 0:
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         print(f"scoring: {opts.scoring}; {sum(r['answer'] is not None for r in records)}/{len(records)} records have "
               f"an answer", file=sys.stderr)
     avail = sample.available_modes(bundle)

@@ -142,8 +142,9 @@ def decode_image(b64, path, line=None, rid=None):
             raise ValueError(f"{img.width}x{img.height} is over the {model.MAX_DECODE_PIXELS} pixel cap")
         img.load()
     except (binascii.Error, ValueError, OSError, SyntaxError) as e:
+        why = str(e).split(" <_io.")[0]         # PIL names the BytesIO object; that says nothing to a user
         raise model.data_error(path, "image", f"expected a base64 image, found undecodable data "
-                                              f"({type(e).__name__}: {e})", line=line, rid=rid) from None
+                                              f"({type(e).__name__}: {why})", line=line, rid=rid) from None
     return img.convert("RGB") if img.mode in ("RGBA", "P", "LA") else img
 
 
@@ -304,14 +305,18 @@ def _answers(answer):
     return [text(x) for x in v] if isinstance(v, list) else [answer]
 
 
-def check_supported(kind, dataset):
-    """Raise ValueError for what --scoring vlmeval does not reproduce."""
+def check_supported(kind, path):
+    """Raise a DataError for a benchmark whose VLMEvalKit scoring --scoring vlmeval does not reproduce."""
+    dataset = Path(path).stem
     if kind == "VQA" and vqa_method(dataset) == "vqa_score":
-        raise ValueError(f"{dataset}: VLMEvalKit scores this dataset with the VQA score (10 annotator answers and a "
-                         f"contraction table), which gap does not reproduce; use --scoring gap")
+        raise model.data_error(path, "scoring", f"expected a dataset VLMEvalKit scores by exact matching, found "
+                                                f"{dataset!r}, scored with the VQA score (10 annotator answers and a "
+                                                f"contraction table), which gap does not reproduce; use --scoring gap")
     if kind == "MCQ" and any(n in dataset.lower() for n in ("mmbench", "ccbench", "circular", "mmcr")):
-        raise ValueError(f"{dataset}: VLMEvalKit scores it with circular evaluation (a question counts only if all its "
-                         f"rotated copies are right), which gap does not reproduce; use --scoring gap")
+        raise model.data_error(path, "scoring", f"expected a dataset VLMEvalKit scores by exact matching, found "
+                                                f"{dataset!r}, scored with circular evaluation (a question counts "
+                                                f"only if all its rotated copies are right), which gap does not "
+                                                f"reproduce; use --scoring gap")
 
 
 def score(prediction, rec, dataset):
@@ -333,4 +338,4 @@ def score(prediction, rec, dataset):
     if method == "anls":                        # DocVQA/InfoVQA: best similarity, 0 below 0.5
         s = 1 - min(anls_distance(t, prediction) for t in refs)
         return (0.0 if s < 0.5 else s), prediction
-    raise ValueError(f"{dataset}: VQA method {method!r} is not reproduced")
+    raise model.data_error(dataset, "scoring", f"expected a reproduced VQA method, found {method!r}")

@@ -231,3 +231,23 @@ def test_tsv_errors_name_the_row(tmp_path, monkeypatch):
     path.write_text("\n".join(lines[:2] + [f'1\t"an open quote\tx\t{img}']) + "\n")
     with pytest.raises(ValueError, match=r"c\.tsv line 3: quote: .*unclosed"):
         gapeval.read_data(path)
+
+
+def test_scoring_choice(tmp_path):
+    """auto: vlmeval for a TSV, gap for JSONL; what vlmeval does not reproduce is refused (explicit) or falls back to
+    gap with a note (auto); a split without answers needs no scorer."""
+    img = _b64(_picture("RGB"))
+    path = _write_tsv(tmp_path / "TextVQA_VAL.tsv", ["index", "question", "answer", "image"],
+                      [[0, "What does it say?", "stop", img]])
+    recs = gapeval.read_data(path)
+    opts = lambda scoring, data=path: gapeval.EvalOptions(model="m", data=str(data), scoring=scoring)
+    with pytest.raises(gapeval.prepare.DataError, match=r"TextVQA_VAL\.tsv: scoring: .*VQA score"):
+        gapeval.resolve_scoring(opts("vlmeval"), recs)
+    scoring, note = gapeval.resolve_scoring(opts("auto"), recs)
+    assert scoring == "gap" and "falls back to gap" in note
+    assert gapeval.resolve_scoring(opts("vlmeval"), [{**recs[0], "answer": None}]) == ("vlmeval", None)
+    assert gapeval.resolve_scoring(opts("auto", tmp_path / "x.jsonl"), recs) == ("gap", None)
+    mmb = _write_tsv(tmp_path / "MMBench_DEV_EN.tsv", ["index", "question", "A", "B", "answer", "image"],
+                     [[0, "Which?", "x", "y", "A", img]])
+    with pytest.raises(gapeval.prepare.DataError, match="circular"):
+        gapeval.resolve_scoring(opts("vlmeval", mmb), gapeval.read_data(mmb))
