@@ -82,22 +82,22 @@ _WS = re.compile(r"\s*")
 
 
 def read_records(path):
-    """Yield (line where the record starts, index from 0, parsed value). Invalid JSON raises DataError."""
-    with open(path, encoding="utf-8") as f:
-        buf = f.read(CHUNK)
-        if buf.lstrip()[:1] != "[":   # JSONL (Monet's own loader takes both; LVR ships JSON arrays)
-            f.seek(0)
-            index = 0
-            for line, text in enumerate(f, 1):
-                if text.strip():
-                    try:
-                        yield line, index, json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise data_error(path, "json", f"expected one JSON value per line, found invalid JSON "
-                                                       f"({e.msg} at column {e.colno})", line) from None
-                    index += 1
-            return
-        yield from _read_array(f, buf, path)
+    """Yield (line where the record starts, index from 0, parsed value). Invalid JSON or UTF-8 raises DataError."""
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8-sig", errors="ignore").lstrip()[:1]
+    if head != "[":   # JSONL (Monet's own loader takes both; LVR ships JSON arrays)
+        for index, (line, text) in enumerate(prepare.jsonl_lines(path)):
+            try:
+                yield line, index, json.loads(text)
+            except json.JSONDecodeError as e:
+                raise data_error(path, "json", f"expected one JSON value per line, found invalid JSON "
+                                               f"({e.msg} at column {e.colno})", line) from None
+        return
+    with open(path, encoding="utf-8-sig") as f:   # -sig: a byte-order mark some Windows editors write
+        try:
+            yield from _read_array(f, f.read(CHUNK), path)
+        except UnicodeDecodeError as e:
+            raise data_error(path, "text", f"expected UTF-8, found byte 0x{e.object[e.start]:02x}") from None
 
 
 def _read_array(f, buf, path):

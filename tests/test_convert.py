@@ -245,6 +245,11 @@ def test_json_array_streamed_across_chunks(tmp_path, monkeypatch):
     path.write_text('[{"a": 1},\n {"b": 2},\n {"a": 1 2}\n]')
     with pytest.raises(prepare.DataError, match=r"a\.json line 3: json: expected record 2 as JSON, found invalid JSON \(Expecting ',' delimiter at line 3\)"):
         list(convert.read_records(path))
+    path.write_bytes(b'[{"a": "\xff"}]')
+    with pytest.raises(prepare.DataError, match=r"a\.json: text: expected UTF-8, found byte 0xff"):
+        list(convert.read_records(path))
+    path.write_bytes('\ufeff[{"a": 1},\n 2]'.encode())   # a byte-order mark is not an error
+    assert list(convert.read_records(path)) == [(1, 0, {"a": 1}), (2, 1, 2)]
     path.write_text('[{"a": 1}')
     with pytest.raises(prepare.DataError, match=r"line 1: json: expected , or \], found the end of the file"):
         list(convert.read_records(path))
