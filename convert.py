@@ -1,7 +1,8 @@
-"""Public data in gap's JSONL format: Monet-SFT-125K and box-grounded visual CoT (LVR / Visual-CoT), streamed.
+"""Public data in gap's JSONL format: Monet-SFT-125K and box-grounded visual CoT (Visual-CoT, LVR), streamed.
 
     python prepare.py convert --from monet --data Monet-SFT-125K/Visual_CoT/train.json --images Monet-SFT-125K \\
         --out data/monet/Visual_CoT.jsonl
+    python prepare.py convert --from bbox --data viscot_363k.json --images playground/data --out data/viscot.jsonl
     python prepare.py convert --from bbox --data lvr_stage1.json --images IMAGE_FOLDER --out data/lvr/train.jsonl
     .venv/bin/python -m pytest -q tests/test_convert.py
 
@@ -250,19 +251,32 @@ def convert_monet(obj, images, index, crops):
 
 
 # ---- box-grounded visual CoT (LVR / Visual-CoT) ----
-# Layout followed: LVR's stage-1 SFT data, https://github.com/VincentLeebang/lvr (README "Dataset Preparation";
-# its data is Visual-CoT, https://huggingface.co/datasets/deepcs233/Visual-CoT, re-formatted): a JSON array of
+# Two LLaVA-style layouts, told apart per record (LVR's has "bboxes"). Each box's crop of the question image is
+# written to OUT-crops/ and becomes the aux image, so the latent target is "the zoomed region"; its <parser> names
+# the region by its normalised box.
+#
+# LVR's stage-1 SFT data, https://github.com/VincentLeebang/lvr (README "Dataset Preparation"; Visual-CoT
+# re-formatted): a JSON array of
 #   {"dataset": "flickr30k", "question_id": 31593, "image": ["viscot/flickr30k/2618322793.jpg"],
 #    "conversations": [{"from": "human", "value": "<image>\nCan you describe ...?"},
 #                      {"from": "gpt", "value": "<lvr>\n<answer> The child ... </answer>"}],
 #    "bboxes": [[0.382, 0.456, 0.718, 0.656]]}
-# LLaVA-style turns; boxes [x0, y0, x1, y1] normalised by the image's width and height (a box with a value > 1 is in
-# pixels, as LVR's loader reads it); the i-th <lvr> placeholder is the i-th box's latent span (none: every box's
-# span opens the response). Each box's crop of the question image is written to OUT-crops/ and becomes the aux
-# image, so the latent target is the zoomed region. Visual-CoT's raw viscot_363k.json (boxes normalised on the
-# image padded to a square, the crop as a second "path###[box]" image) is a different layout and is not read here.
+# boxes [x0, y0, x1, y1] normalised by the image's width and height (a box with a value > 1 is in pixels, as LVR's
+# loader reads it); the i-th <lvr> is the i-th box's latent span (no <lvr>: every box's span opens the response).
+#
+# Visual-CoT's viscot_363k.json, https://huggingface.co/datasets/deepcs233/Visual-CoT, as written by its
+# tools/convert_data_to_llava_format.py (https://github.com/deepcs233/Visual-CoT):
+#   {"dataset": "gqa", "question_id": 7, "image": ["cot/gqa/1.jpg", "cot/gqa/1.jpg###[12, 40, 96, 120]"],
+#    "conversations": [{"from": "human", "value": "<image>\nQuestion? Please provide the bounding box ..."},
+#                      {"from": "gpt", "value": "[0.041, 0.213, 0.327, 0.482]"},
+#                      {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "answer"}]}
+# The box is read from the "###[...]" suffix, in pixels; the gpt box string is normalised on the image padded to a
+# square (LLaVA's "pad" aspect), so it is not used.
 
 LVR = "<lvr>"
+VISCOT_PROMPTS = (" Please provide the bounding box coordinate of the region that can help you answer the question "
+                  "better.", " Please think step by step and provide the bounding box coordinate of the region that "
+                  "can help you answer the question better.")
 
 
 def bbox_id(obj, index, folder):
@@ -278,10 +292,64 @@ def _is_box(b):
                                                        for x in b)
 
 
-def _box(b, at, w, h):
+def _turns(obj, roles):
+    turns = _need(obj, "conversations", list, "conversations")
+    for t, turn in enumerate(turns):
+        _need(turn, "from", str, f"conversations[{t}].from")
+        _need(turn, "value", str, f"conversations[{t}].value")
+    if [t["from"] for t in turns] != roles:
+        raise BadRecord("conversations", f"expected the turns {roles}, found {[t['from'] for t in turns]}")
+    return [t["value"] for t in turns]
+
+
+def _question(text):
+    return text.replace("<image>\n", "").replace("<image>", "").strip()
+
+
+def _lvr_fields(obj, image):
+    """-> (question image, question, reasoning with one <lvr> per box, answer, boxes, in_pixels or None: per box)."""
+    if len(image) != 1:
+        raise BadRecord("image", f"expected 1 question image, found {len(image)}")
+    boxes = _need(obj, "bboxes", list, "bboxes")
+    for j, b in enumerate(boxes):
+        if not _is_box(b):
+            raise Malformed(f"bboxes[{j}]", f"expected [x0, y0, x1, y1] numbers, found {_type(b)}")
+    human, reply = _turns(obj, ["human", "gpt"])
+    found = re.findall(r"<answer>(.*?)</answer>", reply, flags=re.S)
+    reasoning = re.sub(r"<answer>.*?</answer>", "", reply, flags=re.S).strip()
+    answer = (found[-1] if found else reasoning.replace(LVR, "")).strip()
+    if not found:
+        reasoning = LVR * reasoning.count(LVR)   # a bare reply is the answer itself; keep only its spans
+    n = reasoning.count(LVR)
+    if n and n != len(boxes):
+        raise BadRecord("bboxes", f"expected {n} boxes for {n} {LVR}, found {len(boxes)}")
+    return image[0], _question(human), reasoning or LVR * len(boxes), answer, boxes, None
+
+
+def _viscot_fields(obj, image):
+    if len(image) != 2 or "###" not in image[1]:
+        raise BadRecord("image", f"expected [image, 'image###[x0, y0, x1, y1]'], found {_type(image)}")
+    path, _, box = image[1].partition("###")
+    try:
+        box = json.loads(box)
+    except json.JSONDecodeError:
+        box = None
+    if not _is_box(box):
+        raise Malformed("image[1]", f"expected a path###[x0, y0, x1, y1] in pixels, found {image[1][-60:]!r}")
+    if path != image[0]:
+        raise BadRecord("image[1]", f"expected a box on the question image {image[0]}, found one on {path}")
+    human, _, _, answer = _turns(obj, ["human", "gpt", "human", "gpt"])
+    for prompt in VISCOT_PROMPTS:   # the request for a box: the latent span answers it now
+        human = human.replace(prompt, "")
+    return image[0], _question(human), LVR, answer.strip(), [box], True
+
+
+def _box(b, at, w, h, in_pixels):
     """-> pixel box (x0, y0, x1, y1) clamped to the image; BadRecord when nothing is left."""
-    scale = (1, 1) if max(b) > 1 else (w, h)   # normalised unless some value says pixels
-    x0, y0, x1, y1 = (max(0, min(lim, round(v * s))) for v, s, lim in zip(b, scale * 2, (w, h) * 2))
+    if in_pixels is None:
+        in_pixels = max(b) > 1   # normalised unless some value says pixels
+    scale = (1, 1, 1, 1) if in_pixels else (w, h, w, h)
+    x0, y0, x1, y1 = (max(0, min(lim, round(v * s))) for v, s, lim in zip(b, scale, (w, h, w, h)))
     if x1 <= x0 or y1 <= y0:
         raise BadRecord(at, f"expected a box with area inside the {w}x{h} image, found {b}")
     return x0, y0, x1, y1
@@ -289,50 +357,28 @@ def _box(b, at, w, h):
 
 def convert_bbox(obj, images, index, crops):
     if not isinstance(obj, dict):
-        raise Malformed("record", f"expected an object with 'image', 'conversations', 'bboxes', found {_type(obj)}")
+        raise Malformed("record", f"expected an object with 'image' and 'conversations', found {_type(obj)}")
     image = obj.get("image")
     image = [image] if isinstance(image, str) else image
     if not isinstance(image, list) or not all(isinstance(p, str) for p in image):
         raise Malformed("image", f"expected a path or a list of paths, found {_type(obj.get('image'))}")
-    if len(image) != 1:
-        raise BadRecord("image", f"expected 1 question image, found {len(image)}")
-    turns = _need(obj, "conversations", list, "conversations")
-    for t, turn in enumerate(turns):
-        _need(turn, "from", str, f"conversations[{t}].from")
-        _need(turn, "value", str, f"conversations[{t}].value")
-    if [t["from"] for t in turns] != ["human", "gpt"]:
-        raise BadRecord("conversations", f"expected one human and one gpt turn, found {[t['from'] for t in turns]}")
-    boxes = _need(obj, "bboxes", list, "bboxes")
-    for j, b in enumerate(boxes):
-        if not _is_box(b):
-            raise Malformed(f"bboxes[{j}]", f"expected [x0, y0, x1, y1] numbers, found {_type(b)}")
-    question = turns[0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
-    reply = turns[1]["value"]
-    found = re.findall(r"<answer>(.*?)</answer>", reply, flags=re.S)
-    reasoning = re.sub(r"<answer>.*?</answer>", "", reply, flags=re.S).strip()
-    answer = (found[-1] if found else reasoning.replace(LVR, "")).strip()
+    viscot = "bboxes" not in obj and len(image) == 2 and "###" in image[1]
+    first, question, reasoning, answer, boxes, in_pixels = (_viscot_fields if viscot else _lvr_fields)(obj, image)
     if not answer:
-        raise BadRecord("conversations[1].value", "expected an answer, found an empty reply")
-    if not found:
-        reasoning = LVR * reasoning.count(LVR)   # a bare reply is the answer itself; keep only its spans
-    n = reasoning.count(LVR)
-    if n == 0:
-        reasoning = LVR * len(boxes)
-    elif n != len(boxes):
-        raise BadRecord("bboxes", f"expected {n} boxes for {n} {LVR}, found {len(boxes)}")
+        raise BadRecord("conversations", "expected an answer, found an empty reply")
     if not boxes:
         raise BadRecord("bboxes", "expected at least one box, found none")
-    src = Path(images) / image[0]
+    src = os.path.join(images, first)
+    if not os.path.isfile(src):
+        raise BadRecord("image", f"file not found: {src}")
     try:
         img = model.load_image(src)
-    except FileNotFoundError:
-        raise BadRecord("image", f"file not found: {src}") from None
     except ValueError as e:
         raise BadRecord("image", f"cannot use the image: {e}") from None
     w, h = img.size
     aux, spans = [], []
     for j, b in enumerate(boxes):
-        x0, y0, x1, y1 = _box(b, f"bboxes[{j}]", w, h)
+        x0, y0, x1, y1 = _box(b, "image[1]" if viscot else f"bboxes[{j}]", w, h, in_pixels)
         path = crops / f"{index:07d}-{j}.png"   # the input position: stable for the same file, no id clash
         tmp = path.with_name(path.name + ".tmp.png")
         img.crop((x0, y0, x1, y1)).convert("RGB").save(tmp)
@@ -343,7 +389,7 @@ def convert_bbox(obj, images, index, crops):
     img.close()
     pieces = reasoning.split(LVR)
     text = pieces[0] + "".join(s + p for s, p in zip(spans, pieces[1:]))
-    return str(src), question, f"<think>{text.strip()}</think><answer>{answer}</answer>", aux, answer
+    return src, question, f"<think>{text.strip()}</think><answer>{answer}</answer>", aux, answer
 
 
 # layout -> (record id, converter(obj, images root, input index, crops folder) -> gap fields)

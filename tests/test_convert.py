@@ -89,8 +89,8 @@ def monet_expected(root):
 
 
 def bbox_sample(root):
-    """LVR's stage-1 layout: one box with the answer in <answer>; two boxes with reasoning around each <lvr>; and a
-    record with two question images, which gap cannot hold (dropped and reported)."""
+    """LVR's stage-1 layout: one box with the answer in <answer>; two boxes with reasoning around each <lvr>; a record
+    with two question images, which gap cannot hold (dropped and reported); and Visual-CoT's own layout."""
     _image(root / "viscot" / "flickr30k" / "1.png", 120, 80, 6)
     _image(root / "viscot" / "gqa" / "2.png", 100, 100, 7)
     return [
@@ -105,6 +105,13 @@ def bbox_sample(root):
         {"id": "two-images", "image": ["viscot/gqa/2.png", "viscot/gqa/2.png"],
          "conversations": [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "yes"}],
          "bboxes": [[0.1, 0.1, 0.2, 0.2]]},
+        {"dataset": "gqa", "split": "train", "question_id": 7,
+         "image": ["viscot/gqa/2.png", "viscot/gqa/2.png###[10, 20, 60, 90]"],
+         "conversations": [{"from": "human", "value": "<image>\nWhat is on the table? Please provide the bounding box "
+                                                      "coordinate of the region that can help you answer the question "
+                                                      "better."},
+                           {"from": "gpt", "value": "[0.100, 0.200, 0.600, 0.900]"},
+                           {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a cup"}]},
     ]
 
 
@@ -122,9 +129,13 @@ def bbox_expected(root, crops):
          "response": f"<think>First the cup {_region(0, 0, 0.5, 0.5)} then the plate {_region(0.5, 0.5, 1, 1)}"
                      "</think><answer>yes</answer>",
          "aux_images": [crop("0000001-0.png"), crop("0000001-1.png")], "answer": "yes", "accuracy": None},
+        {"id": "gqa-7", "image": im("gqa/2.png"), "question": "What is on the table?",
+         "response": f"<think>{_region(0.1, 0.2, 0.6, 0.9)}</think><answer>a cup</answer>",
+         "aux_images": [crop("0000003-0.png")], "answer": "a cup", "accuracy": None},
     ]
 BBOX_CROPS = {"0000000-0.png": ("flickr30k/1.png", (30, 40, 90, 80)), "0000001-0.png": ("gqa/2.png", (0, 0, 50, 50)),
-              "0000001-1.png": ("gqa/2.png", (50, 50, 100, 100))}
+              "0000001-1.png": ("gqa/2.png", (50, 50, 100, 100)),
+              "0000003-0.png": ("gqa/2.png", (10, 20, 60, 90))}   # Visual-CoT's box: pixels, after "###"
 
 
 def _convert(tmp_path, layout, recs, name, jsonl=False):
@@ -137,15 +148,15 @@ def _convert(tmp_path, layout, recs, name, jsonl=False):
     return convert.convert(opts), out
 
 
-def _build_and_train(syn, tmp_path, data, n_spans):
+def _build_and_train(syn, tmp_path, data, n_records, n_spans):
     man = prepare.build(prepare.BuildOptions(data=str(data), model=str(syn / "model"), out=str(tmp_path / "prep"),
                                              device="cpu"))
-    assert man["n_kept"] == man["n_records"] == 2 and man["skipped"] == [] and man["n_spans"] == n_spans
+    assert man["n_kept"] == man["n_records"] == n_records and man["skipped"] == [] and man["n_spans"] == n_spans
     cfg = train.TrainConfig(data=str(tmp_path / "prep"), model=str(syn / "model"), out=str(tmp_path / "run"),
                             global_batch=1, micro_batch=1, epochs=1, lr=1e-3, head_lr=1e-3, device="cpu")
-    train.main(cfg)   # 2 records / global batch 1 = two optimizer steps
+    train.main(cfg)   # global batch 1: one optimizer step per record
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(np.isfinite(r["lm_loss"]) and np.isfinite(r["latent_loss"]) for r in rows)
+    assert len(rows) == n_records and all(np.isfinite(r["lm_loss"]) and np.isfinite(r["latent_loss"]) for r in rows)
     assert sum(r["n_latents"] for r in rows) == 36 * n_spans   # accuracy null: no span is stripped
 
 
@@ -156,7 +167,7 @@ def test_monet_converts_builds_trains(syn, tmp_path):
     res, out = _convert(tmp_path, "monet", monet_sample(tmp_path / "monet"), "train")
     assert res == {"kept": 2, "dropped": []} and _records(out) == monet_expected(tmp_path / "monet")
     assert (out.parent / "train.jsonl.dropped").read_text() == "" and not list(out.parent.glob("*.tmp"))
-    _build_and_train(syn, tmp_path, out, n_spans=3)
+    _build_and_train(syn, tmp_path, out, n_records=2, n_spans=3)
 
 
 def test_bbox_converts_crops_builds_trains(syn, tmp_path, capsys):
@@ -164,14 +175,14 @@ def test_bbox_converts_crops_builds_trains(syn, tmp_path, capsys):
     assert _records(out) == bbox_expected(tmp_path / "lvr", out.parent / "lvr-crops")
     start = next(i for i, x in enumerate((tmp_path / "lvr" / "lvr.json").read_text().splitlines()) if "two-images" in x)
     drop = {"line": start, "id": "two-images", "field": "image", "reason": "expected 1 question image, found 2"}
-    assert res == {"kept": 2, "dropped": [drop]} and _records(str(out) + ".dropped") == [drop]
+    assert res == {"kept": 3, "dropped": [drop]} and _records(str(out) + ".dropped") == [drop]
     err = capsys.readouterr().err
     assert f"dropped: {tmp_path}/lvr/lvr.json line {start} (id two-images): image: expected 1 question image" in err
     for name, (src, box) in BBOX_CROPS.items():   # each aux image is exactly the box's crop of the question image
         crop = np.asarray(Image.open(out.parent / "lvr-crops" / name))
         assert np.array_equal(crop, np.asarray(Image.open(tmp_path / "lvr" / "viscot" / src).crop(box))), name
     assert sorted(p.name for p in (out.parent / "lvr-crops").iterdir()) == sorted(BBOX_CROPS)
-    _build_and_train(syn, tmp_path, out, n_spans=3)
+    _build_and_train(syn, tmp_path, out, n_records=3, n_spans=4)
 
 
 def test_ids_stable_and_jsonl_input(tmp_path):
@@ -212,12 +223,14 @@ MALFORMED = [  # (layout, how to break record 2 of the sample, field the message
     ("monet", lambda r: r["data"][2]["content"][1].pop("image_file_name"), "data[2].content[1].image_file_name"),
     ("lvr", lambda r: r["bboxes"][1].pop(), "bboxes[1]"),
     ("lvr", lambda r: r["conversations"][1].pop("value"), "conversations[1].value"),
+    ("viscot", lambda r: r["image"].__setitem__(1, "viscot/gqa/2.png###[10, 20]"), "image[1]"),
 ]
 
 
 @pytest.mark.parametrize("layout,breaker,fld", MALFORMED, ids=[m[2] for m in MALFORMED])
 def test_malformed_record_one_line_error(tmp_path, capsys, layout, breaker, fld):
-    recs = (monet_sample if layout == "monet" else bbox_sample)(tmp_path / layout)[:2]
+    recs = (monet_sample if layout == "monet" else bbox_sample)(tmp_path / layout)
+    recs = [recs[0], recs[3]] if layout == "viscot" else recs[:2]
     breaker(recs[1])
     data = tmp_path / layout / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -225,7 +238,7 @@ def test_malformed_record_one_line_error(tmp_path, capsys, layout, breaker, fld)
     with pytest.raises(SystemExit) as e:
         prepare.run_main(prepare.main, ["convert", "--from", "monet" if layout == "monet" else "bbox", "--data",
                                         str(data), "--images", str(tmp_path / layout), "--out", str(out)])
-    rid = {"monet": "Zebra_CoT_count-7", "lvr": "gqa-9"}[layout]
+    rid = {"monet": "Zebra_CoT_count-7", "lvr": "gqa-9", "viscot": "gqa-7"}[layout]
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1, err
     assert err.startswith(f"error: {data} line 2 (id {rid}): {fld}: expected "), err
@@ -243,7 +256,8 @@ def test_json_array_streamed_across_chunks(tmp_path, monkeypatch):
     lines = path.read_text().splitlines()
     assert all(lines[ln - 1].strip().startswith(json.dumps(o, indent=1).splitlines()[0]) for ln, _, o in got)
     path.write_text('[{"a": 1},\n {"b": 2},\n {"a": 1 2}\n]')
-    with pytest.raises(prepare.DataError, match=r"a\.json line 3: json: expected record 2 as JSON, found invalid JSON \(Expecting ',' delimiter at line 3\)"):
+    with pytest.raises(prepare.DataError, match=r"a\.json line 3: json: expected record 2 as JSON, found invalid "
+                                                r"JSON \(Expecting ',' delimiter at line 3\)"):
         list(convert.read_records(path))
     path.write_bytes(b'[{"a": "\xff"}]')
     with pytest.raises(prepare.DataError, match=r"a\.json: text: expected UTF-8, found byte 0xff"):
