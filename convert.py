@@ -8,12 +8,13 @@
 
 Every input record becomes one gap record (`id, image, question, response, aux_images, answer, accuracy`, absolute
 paths) or is dropped with a reason: each drop is printed on stderr and listed in OUT.dropped (JSON lines), nothing
-is lost silently. A record that breaks the input layout itself (a missing or mistyped
-field) stops the run with one line naming the file, the line, the record id and the field. `accuracy` is left
-null: `prepare.py score` fills it with the base model's mean accuracy over 8 samples. Ids are stable (taken from
-the record, else "<folder>-<index>"), OUT is written to OUT.tmp and renamed at the end, and the input is read one
-record at a time: JSONL line by line, a top-level JSON array (Monet's train.json) by an incremental decoder that
-holds one 1 MB chunk plus the record being parsed, so a 125K-record file is never in memory at once.
+is lost silently. A record that breaks the input layout itself (a missing or mistyped field) stops the run with one
+line naming the file, the line, the record id and the field. `accuracy` is left null: `prepare.py score` fills it
+with the base model's mean accuracy over 8 samples. Ids are stable (taken from the record, else "<folder>-<index>"),
+OUT is written to OUT.tmp and renamed at the end, and the input is read one record at a time: JSONL line by line, a
+top-level JSON array (Monet's train.json) by an incremental decoder that holds one 1 MB chunk plus the record being
+parsed, so a 125K-record file is never in memory at once (125K Monet-layout records, a 149 MB array: 77 s on one
+CPU core, 30 MB above the 235 MB that importing torch costs).
 """
 import json
 import os
@@ -39,7 +40,7 @@ LAYOUTS = ("monet", "bbox")
 class ConvertPaths:
     data: str = field(metadata={"help": "input: a JSON array (Monet's train.json) or JSONL, one record per line"})
     images: str = field(metadata={"help": "folder the records' image paths are relative to (Monet: the dataset "
-                                          "root; LVR: --image_folder)"})
+                                          "root; Visual-CoT: the folder holding cot/; LVR: its --image_folder)"})
     out: str = field(metadata={"help": "output JSONL; bbox crops go to OUT-crops/, the dropped list to OUT.dropped"})
 
 
