@@ -496,6 +496,11 @@ class PixelBudget:
 
     def __init__(self, limit):
         self.limit, self.used, self.cond = limit, 0, threading.Condition()
+        # Pillow allocates images in 16 MB blocks, which glibc serves from per-thread arenas and keeps after they
+        # are freed: 4 workers decoding one 81 MP PNG at a time still peaked at 2.4 GB. 64 MB blocks are above
+        # glibc's largest mmap threshold (32 MB), so each is returned to the OS when its image is freed (0.9 GB).
+        # Same as PILLOW_BLOCK_SIZE=64m: https://pillow.readthedocs.io/en/stable/reference/block_allocator.html
+        Image.core.set_block_size(max(Image.core.get_block_size(), 64 << 20))
 
     @contextmanager
     def hold(self, path):
