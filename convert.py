@@ -13,8 +13,8 @@ line naming the file, the line, the record id and the field. `accuracy` is left 
 with the base model's mean accuracy over 8 samples. Ids are stable (taken from the record, else "<folder>-<index>"),
 OUT is written to OUT.tmp and renamed at the end, and the input is read one record at a time: JSONL line by line, a
 top-level JSON array (Monet's train.json) by an incremental decoder that holds one 1 MB chunk plus the record being
-parsed, so a 125K-record file is never in memory at once (125K Monet-layout records, a 149 MB array: 77 s on one
-CPU core, 30 MB above the 235 MB that importing torch costs).
+parsed, so a 125K-record file is never in memory at once (125K Monet-layout records, a 149 MB array: 77-97 s on a
+shared CPU core, 30 MB above the 235 MB that importing torch costs).
 """
 import json
 import os
