@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 import model
 
@@ -42,8 +43,8 @@ import model
 # pandas' default na_values: a cell equal to one of these (no stripping) is empty
 NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
                         "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_INT = re.compile(r"\s*[+-]?\d+\s*")         # pandas reads " 3" and "+3" as the integer 3
+_FLOAT = re.compile(r"\s*[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity)\s*", re.I)
 _BOOL = {"True": True, "TRUE": True, "true": True, "False": False, "FALSE": False, "false": False}
 LETTERS = string.ascii_uppercase
 
@@ -53,7 +54,10 @@ def _column(cells):
     (float if some cell is empty: int64 cannot hold NaN), all numbers -> float, all booleans -> bool, else str."""
     filled = [c for c in cells if c is not None]
     if filled and all(_INT.fullmatch(c) for c in filled):
-        cast = int if len(filled) == len(cells) else (lambda c: float(int(c)))
+        if any(abs(int(c)) >= 2 ** 64 for c in filled):       # past (u)int64: pandas keeps the text
+            cast = str
+        else:
+            cast = int if len(filled) == len(cells) else (lambda c: float(int(c)))
     elif filled and all(_FLOAT.fullmatch(c) for c in filled):
         cast = float
     elif filled and all(c in _BOOL for c in filled):
@@ -171,7 +175,7 @@ def read_records(path, check_images=True):
         seen.add(text(r["index"]))
     images = {text(r["index"]): text(r["image"]) for r in rows}
     records = []
-    for r in rows:
+    for r in tqdm(rows, desc="read images", disable=not check_images or len(rows) < 256):
         rid = text(r["index"])
         at = {"line": r["_line"], "rid": rid}
         b64 = images[rid]

@@ -251,3 +251,16 @@ def test_scoring_choice(tmp_path):
                      [[0, "Which?", "x", "y", "A", img]])
     with pytest.raises(gapeval.prepare.DataError, match="circular"):
         gapeval.resolve_scoring(opts("vlmeval", mmb), gapeval.read_data(mmb))
+
+
+@pytest.mark.parametrize("cells", [["3", " 3"], ["+3", "4 "], ["1.", "2"], [".5", "1"], ["1e3", "2"], ["inf", "1"],
+                                   ["007", "-0"], ["1_000", "2"], ["True", "false"], ["True", ""], ["3", "-"],
+                                   ["0x10", "1"], ["1,5", "2"], ["3", ""], ["99999999999999999999", "1"]])
+def test_cell_types_like_pandas(ns, tmp_path, cells):
+    """An option column is printed as pandas types it (int, float, bool or text, NaN for NA)."""
+    img = _b64(_picture("RGB"))
+    rows = [[i, "Which?", c, "x", "B", img if i == 0 else "0"] for i, c in enumerate(cells)]
+    path = _write_tsv(tmp_path / "MMStar.tsv", ["index", "question", "A", "B", "answer", "image"], rows)
+    recs, _, _ = vlmevalkit.read_records(path)
+    data = pd.read_csv(path, sep="\t")
+    assert [r["question"] for r in recs] == [V.prompt_text(ns, line, "MCQ") for _, line in data.iterrows()]
