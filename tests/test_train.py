@@ -1,6 +1,7 @@
 """train.py: losses go down (with a short golden trace), stripping by tau, DDP/FSDP == one rank, exact and crash-safe
 resume, chunked loss, non-finite stop, data order and balancing, MFU, bad input."""
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -287,3 +288,62 @@ def test_other_heads_train_and_load_in_sample(syn, tmp_path, kind):
     rec = json.loads((syn / "raw" / "test.jsonl").read_text().splitlines()[0])
     row = sample.generate(bundle, [syn / "raw" / rec["image"]], [rec["question"]], mode=kind, max_new_tokens=6)[0]
     assert row["n_generated"] <= 6
+
+
+def batches_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_dataloader_order_is_the_reference_across_a_resume(syn):
+    """Worker processes deliver exactly the micro-batches a single-process loop over (step, j) builds, in order,
+    and a loader started at a later step (a resume) continues that same sequence."""
+    cfg = cfg_for(syn, "unused", tau=0.0, micro_batch=1, workers=2)
+    recs = train.Records(syn / "prepared", cfg.tau)
+    vlm_cfg = train.qm.Config.from_json(syn / "model" / "config.json")
+    data = train.MicroBatches(recs, cfg, vlm_cfg, rank=1, world=2)   # rank 1 of 2: 2 micro-batches per step
+    reference = [train.collate([recs.get(i) for i in train.step_plan(recs, cfg, s, 2)[j][1]], vlm_cfg, recs.pad_id,
+                               recs.pixels) for s in range(4) for j in range(2)]
+    for start in (0, 2):
+        got = list(itertools.islice(train.loader(data, start, cfg, pin=False), 2 * (4 - start)))
+        assert len(got) == 2 * (4 - start)
+        for a, b in zip(got, reference[2 * start:]):
+            batches_equal(a, b)
+
+
+@pytest.mark.parametrize("world,micro", [(1, 4), (2, 1), (4, 1), (2, 2)])
+def test_length_balancing_keeps_every_example_once(syn, world, micro):
+    cfg = cfg_for(syn, "unused", global_batch=8, micro_batch=micro)
+    recs = train.Records(syn / "prepared", tau=0.0)
+    steps = len(recs) // cfg.global_batch
+    for epoch in range(2):
+        seen = []
+        for s in range(epoch * steps, (epoch + 1) * steps):
+            plan = train.step_plan(recs, cfg, s, world)
+            assert len(plan) == cfg.global_batch // (world * micro) and all(len(p) == world for p in plan)
+            assert all(len(idx) == micro for p in plan for idx in p)
+            # accumulation step j holds the j-th slice of the batch sorted by length: no rank waits on a longer one
+            lengths = [[recs.length[i] for idx in p for i in idx] for p in plan]
+            assert all(min(a) >= max(b) for a, b in zip(lengths, lengths[1:]))
+            seen += [i for p in plan for idx in p for i in idx]
+        # exactly once each: the epoch's permutation cut to whole global batches (the < global_batch remainder
+        # is left to the next epoch's permutation, as a plain sampler with drop_last does)
+        perm = torch.randperm(len(recs), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        assert len(seen) == len(set(seen)) and set(seen) == set(perm[:steps * cfg.global_batch])
+    assert train.step_plan(recs, cfg, 1, world) == train.step_plan(recs, cfg, 1, world)   # a function of the step
+
+
+def test_mfu_flops_on_a_hand_computed_config():
+    """d 8, 2 layers, 2 heads of 4, 1 KV head, ffn 16, vocab 10; sequences of 3 and 5 tokens, 4 supervised.
+    Block matmul parameters: q 8x8 + k 8x4 + v 8x4 + o 8x8 + gate/up/down 3x8x16 = 576.
+    6 x 2 x 576 x 8 tokens = 55296; lm_head 6 x 8 x 10 x 4 = 1920; attention 6 x 2 x 2 x 4 x (9 + 25) = 3264."""
+    text = train.qm.TextConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               intermediate_size=16, vocab_size=10)
+    assert text.head_dim == 4
+    assert train.train_flops(text, [3, 5], 4) == 55296 + 1920 + 3264
+    assert train.peak_flops(torch.device("cpu")) is None
+    assert dict(train.PEAK_FLOPS)["H100"] == 989e12 and dict(train.PEAK_FLOPS)["H100 PCIe"] == 756e12
