@@ -19,8 +19,17 @@ own (next_inputs + trunk_step): what generate() runs, not a copy of it.
   latent    ours only: every row inside a latent span, v = PCAHead(h) fed back as the next input embedding
   generate  end to end, tokens/s over the batch: ours sample.generate (prompts preprocessed) vs HF generate, eager
             and (with --compile, where transformers supports it) with its static cache, which it compiles on CUDA
+  train     (--train) one optimizer step on one micro-batch, the text after the image supervised: ours is train.py's
+            GAP loss (supervised-only chunked LM loss) + backward + AdamW; on CPU in fp32 against transformers' model
+            (loss from labels) + backward + AdamW on the same weights; on CUDA train.py's FSDP2 precision on a
+            1-GPU process group, eager / activation checkpointing / compiled, with MFU and peak memory, then the
+            full-depth model on --gpus GPUs extrapolated from --layers and --layers / 2
+
+    .venv/bin/python bench.py --train --config small --threads 1 --cpu-time --iters 3        # CPU, vs transformers
+    python bench.py --train --config 7b --layers 4 --device cuda --prompt-len 3840 --compile  # T = 4096 on a GPU
 """
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -28,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 import model
@@ -58,6 +68,12 @@ class Options:
     threads: int = field(default=0,
                          metadata={"min": 0, "help": "CPU threads (0 = torch's default); 1 on a shared machine"})
     cpu_time: bool = field(default=False, metadata={"help": "time by process CPU time (needs --threads 1)"})
+    train: bool = field(default=False, metadata={"help": "time one training step instead (forward + backward + AdamW, "
+                                                         "train.py's loss and precision)"})
+    layers: int = field(default=0, metadata={"min": 0, "help": "cut the decoder to L layers (0: the preset's depth); "
+                                                               "a 7b-width model with a few layers fits one GPU"})
+    gpus: int = field(default=8, metadata={"min": 1, "help": "--train on CUDA: extrapolate to the full depth with "
+                                                             "--fsdp on this many GPUs"})
 
 
 def parse_args(argv=None):
@@ -398,5 +414,191 @@ def main(opts: Options):
     return res
 
 
+# ---- the training step (--train) ----
+
+
+def train_batch(cfg, opts, device):
+    """One micro-batch the way train.collate lays it out: the random image + prompt, every token after
+    <|vision_end|> supervised (a response), no latent span. -> (batch for train.GAP, labels (B, T) for HF)."""
+    ids, pv, grid, _ = make_inputs(cfg, opts, device)
+    B, T = ids.shape
+    after = torch.arange(T, device=device) > (ids[0] == cfg.vision_end_token_id).nonzero()[0, 0]
+    labels = torch.where(after, ids, -100)                                   # (B, T)
+    sup = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1)).flatten()   # (B*T,) position t predicts t+1
+    pos, _ = model.get_position_ids(cfg, ids.cpu(), grid.cpu())
+    batch = dict(input_ids=ids, pixel_values=pv, image_grid_thw=grid, position_ids=pos.to(device),
+                 sup_pos=sup.nonzero().squeeze(1), sup_tgt=labels.flatten().roll(-1)[sup],
+                 latent_pos=torch.zeros(0, dtype=torch.long, device=device), targets=None, external={})
+    return batch, labels
+
+
+def ours_trainer(cfg, opts, device, variant):
+    """train.GAP on random weights with train.py's precision for the device, -> (step function, n trained params)."""
+    import latent_head
+    import train
+    cuda, (ac, comp) = device.type == "cuda", variant
+    vlm = build_ours(cfg, torch.float32, device, opts.seed).train()           # fp32 master weights
+    for p in vlm.visual.parameters():
+        p.requires_grad_(False)                                               # frozen, as train.py's default
+    k = max(1, round(0.18 * cfg.text.hidden_size))
+    head = latent_head.PCAHead(random_basis(cfg.text.hidden_size, k, opts.seed), cfg.text.hidden_size).to(device)
+    tcfg = train.TrainConfig(activation_checkpointing=ac, compile=comp)
+    train.speedups(vlm, tcfg, cuda)
+    gap = train.GAP(vlm, head)
+    if cuda:   # FSDP2 units with bf16 compute / fp32 reduction, as `train.py --fsdp` (a 1-GPU group: no traffic)
+        vlm.visual.to(torch.bfloat16)
+        train.shard(gap, tcfg, cuda)
+    params = [p for p in gap.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
+    batch, _ = train_batch(cfg, opts, device)
+    n_sup = batch["sup_pos"].numel()
+
+    def step():
+        lm_sum, lat_sum, _ = gap(batch, -1)
+        (lm_sum / n_sup + lat_sum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in params)
+
+
+def hf_trainer(m, cfg, opts, device):
+    """transformers' Qwen2_5_VLForConditionalGeneration on m's weights: loss from labels, backward, AdamW."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(m, tmp)
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
+    hf = hf.to(device).train()
+    for p in hf.model.visual.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
+    batch, labels = train_batch(cfg, opts, device)
+    ids = batch["input_ids"]
+    kw = dict(input_ids=ids, pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+              mm_token_type_ids=(ids == cfg.image_token_id).long(), labels=labels)
+
+    def step():
+        hf.model.rope_deltas = None
+        hf(**kw).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def train_main(opts):
+    import train
+    prepare.check_options(opts)
+    device = prepare.resolve_device(opts.device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    cfg = model.PRESETS[opts.config]
+    full_depth = cfg.text.num_hidden_layers
+    if opts.layers:
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=opts.layers))
+    cuda, clk = device.type == "cuda", Clock(device, opts.cpu_time)
+    if cuda and not dist.is_initialized():   # FSDP2 needs a process group: one rank, no rendezvous
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+    batch, _ = train_batch(cfg, opts, device)
+    B, T = batch["input_ids"].shape
+    n_sup = batch["sup_pos"].numel()
+    flops = train.train_flops(cfg.text, [T] * B, n_sup)
+    peak = train.peak_flops(device)
+    dev_name = torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}"
+    print(f"train step, config {opts.config} with {cfg.text.num_hidden_layers} layers, {dev_name}: micro-batch {B} "
+          f"x {T} tokens ({n_sup} supervised), median of {opts.iters} "
+          f"({'process CPU' if opts.cpu_time else 'wall'} time)")
+
+    def run(step):
+        step()                                   # warm-up (and compilation)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(opts.iters):
+            t0 = clk()
+            step()
+            times.append(clk() - t0)
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+        return times, mem
+
+    res, rows = {"config": opts.config, "layers": cfg.text.num_hidden_layers, "tokens": B * T}, {}
+    variants = [("ours", (False, False))] if not cuda else \
+        [("eager", (False, False)), ("eager + AC", (True, False))] + \
+        ([("compiled", (False, True)), ("compiled + AC", (True, True))] if opts.compile else [])
+    for name, variant in variants:
+        step, n_train = ours_trainer(cfg, opts, device, variant)
+        rows[name] = run(step)
+        del step
+        if cuda:
+            torch.cuda.empty_cache()
+    if opts.hf and not cuda:
+        m = build_ours(cfg, torch.float32, device, opts.seed)
+        step = hf_trainer(m, cfg, opts, device)
+        del m
+        rows["transformers"] = run(step)
+    print(f"\n{'':16s}{'ms':>10s}{'±%':>6s}{'tok/s':>10s}{'MFU':>8s}{'peak GiB':>10s}")
+    for name, (times, mem) in rows.items():
+        ms = med(times)
+        r = dict(ms=ms, spread_pct=spread(times), tok_s=B * T * 1e3 / ms, peak_gib=mem,
+                 mfu=flops / (ms / 1e3) / peak if peak and name != "transformers" else None)
+        res[name.replace(" + ", "_").replace(" ", "_")] = r
+        print(f"{name:16s}{ms:10.1f}{min(r['spread_pct'], 999):6.0f}{r['tok_s']:10.0f}" +
+              (f"{r['mfu']:8.1%}" if r["mfu"] else f"{'-':>8s}") + (f"{mem:10.1f}" if mem else f"{'-':>10s}"))
+    if "transformers" in rows:
+        res["ratio"] = med(rows["transformers"][0]) / med(rows["ours"][0])
+        print(f"train step: transformers / ours = {res['ratio']:.2f}x (> 1: ours faster)")
+    if cuda and opts.layers >= 2:
+        res["extrapolated"] = extrapolate(cfg, opts, device, variants[-1], rows[variants[-1][0]], full_depth, T, n_sup,
+                                          run, peak)
+    print("MFU = (6 x block matmul params x tokens + 6 x d x V x supervised + 6 x L x heads x head_dim x T^2) / "
+          "(seconds x peak bf16 FLOP/s), see train.train_flops")
+    return res
+
+
+def extrapolate(cfg, opts, device, variant, measured, full_depth, T, n_sup, run, peak):
+    """The full-depth model with --fsdp on --gpus GPUs, from this variant at L and L/2 layers on one GPU:
+    per-layer time and activation memory are the differences between the two depths; the rest of a step (embedding,
+    ViT, lm_head, loss) is what is left at depth L. Per GPU: fp32 weights + gradients + AdamW state (16 B per trained
+    parameter) / G, the bf16 ViT replica, activations for the full depth, and two unsharded bf16 blocks (the one
+    computing and the one prefetched). Communication is assumed hidden behind compute (FSDP2 prefetches one block)."""
+    import train
+    name, (ac, comp) = variant
+    L, half = cfg.text.num_hidden_layers, cfg.text.num_hidden_layers // 2
+    small = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=half))
+    step, _ = ours_trainer(small, opts, device, variant)
+    t_half, mem_half = run(step)
+    del step
+    torch.cuda.empty_cache()
+    t_L, mem_L = measured
+
+    def counts(c):   # -> (one block's, trained (all but the frozen ViT), ViT's) parameter counts
+        with torch.device("meta"):
+            m = model.Qwen25VL(c)
+        n = lambda mod: sum(p.numel() for p in mod.parameters())
+        return n(m.model.layers[0]), n(m) - n(m.visual), n(m.visual)
+    block, _, vit = counts(cfg)
+    trained = lambda c: (None, counts(c)[1])
+    GiB = 2 ** 30
+    acts = lambda mem, c: mem * GiB - 16 * trained(c)[1] - 2 * vit        # what is not weights/grads/AdamW state
+    per_layer_act = (acts(mem_L, cfg) - acts(mem_half, small)) / (L - half)
+    fixed_act = acts(mem_L, cfg) - L * per_layer_act
+    full = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=full_depth))
+    G = opts.gpus
+    mem = (16 * trained(full)[1] / G + 2 * vit + fixed_act + full_depth * per_layer_act + 2 * 2 * block) / GiB
+    s_L, s_half = statistics.median(t_L), statistics.median(t_half)
+    s_full = s_L + (full_depth - L) * (s_L - s_half) / (L - half)
+    mfu = train.train_flops(full.text, [T], n_sup) / s_full / peak if peak else None
+    print(f"\nextrapolated ({name}, from {half} and {L} layers): {opts.config} at full depth ({full_depth} layers), "
+          f"--fsdp on {G} GPUs, micro-batch 1 x {T} tokens: {s_full * 1e3:.0f} ms per micro-batch per GPU "
+          f"({T / s_full:.0f} tok/s per GPU" + (f", MFU {mfu:.1%}" if mfu else "") + f"), peak memory "
+          f"~{mem:.1f} GiB per GPU; 98.6k example-passes (the paper's recipe) at this length: "
+          f"{98.6e3 * s_full / G / 3600:.2f} h")
+    return dict(ms_per_micro_batch=s_full * 1e3, mfu=mfu, peak_gib=mem, gpus=G, layers=full_depth)
+
+
+def cli(opts):
+    return train_main(opts) if opts.train else main(opts)   # main runs under no_grad; the train step must not
+
+
 if __name__ == "__main__":
-    prepare.run_main(lambda argv: main(parse_args(argv)))
+    prepare.run_main(lambda argv: cli(parse_args(argv)))

@@ -457,6 +457,17 @@ def shard(gap, cfg, cuda):
                 m.set_force_sum_reduction_for_comms(True)
 
 
+def speedups(vlm, cfg, cuda):
+    """Activation checkpointing (every --checkpoint-every-th block) and torch.compile per block, each on by default on
+    CUDA. Both wrap a block in place, so state_dict keys stay the checkpoint's names."""
+    if cuda if cfg.activation_checkpointing is None else cfg.activation_checkpointing:
+        for layer in vlm.model.layers[::cfg.checkpoint_every]:   # keep only the block's input; recompute in backward
+            layer.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(layer.forward)
+    if cuda if cfg.compile is None else cfg.compile:
+        for layer in vlm.model.layers:
+            layer.compile()
+
+
 def build(cfg, records, device, world):
     cuda = device.type == "cuda"
     vlm = qm.load_pretrained(cfg.model, dtype=torch.float32, device=device)   # fp32 master weights
@@ -480,13 +491,7 @@ def build(cfg, records, device, world):
         p.requires_grad_(cfg.train_vision)
     if cuda and not cfg.train_vision:
         vlm.visual.to(torch.bfloat16)   # frozen: no fp32 master copy needed (PatchEmbed casts pixels to its dtype)
-    ac = cuda if cfg.activation_checkpointing is None else cfg.activation_checkpointing
-    if ac:
-        for layer in vlm.model.layers[::cfg.checkpoint_every]:   # recompute in backward; state_dict keys unchanged
-            layer.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(layer.forward)
-    if cuda if cfg.compile is None else cfg.compile:
-        for layer in vlm.model.layers:   # in-place Module.compile keeps the uncompiled names for saving
-            layer.compile()
+    speedups(vlm, cfg, cuda)
     gap = GAP(vlm, head, projectors, cfg.repa_layer, records.n_latents, cfg.latent_loss)
     n_train = sum(p.numel() for p in gap.parameters() if p.requires_grad)
     if cuda and not cfg.fsdp:
