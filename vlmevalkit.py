@@ -1,5 +1,6 @@
 """VLMEvalKit-compatible benchmarks: its TSV layout, the prompts it gives Qwen2.5-VL, and its exact-matching scores,
-so that `eval.py --scoring vlmeval` numbers are comparable with VLMEvalKit's (https://github.com/open-compass/VLMEvalKit).
+so that `eval.py --scoring vlmeval` numbers are comparable with VLMEvalKit's
+(https://github.com/open-compass/VLMEvalKit).
 
     python eval.py --model out/gap-7b --data MMStar.tsv --scoring vlmeval --min-pixels 1003520 --max-pixels 12845056
     .venv/bin/python -m pytest -q tests/test_vlmeval.py     # against VLMEvalKit's own code (PyPI ms-vlmeval)
@@ -72,8 +73,8 @@ def _rows(path):
     cell). A quote that never closes would swallow the following rows into one cell: a quoted cell whose continuation
     lines hold tabs, or a file ending inside a quote, is an error naming the line where the quote opened."""
     csv.field_size_limit(sys.maxsize)          # one base64 image is far over csv's 128 KB default field limit
-    text = Path(path).read_text(encoding="utf-8")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"', doublequote=True, strict=True)
+    raw = Path(path).read_text(encoding="utf-8")
+    reader = csv.reader(io.StringIO(raw, newline=""), delimiter="\t", quotechar='"', doublequote=True, strict=True)
     rows, start = [], 1
     try:
         for cells in reader:
@@ -113,7 +114,7 @@ def text(v):
 # ---- records: task type, images, prompts ----
 
 
-def task_type(rows, dataset):
+def task_type(rows):
     """MCQ when the file has filled option columns, Y/N when every answer is Yes/No, else VQA (VLMEvalKit decides by
     dataset name; these are the same families)."""
     if any(r.get(c) is not None for r in rows for c in "AB"):
@@ -152,9 +153,9 @@ def decode_image(b64, path, line=None, rid=None):
     return img.convert("RGB") if img.mode in ("RGBA", "P", "LA") else img
 
 
-def read_records(path, check_images=True):
+def read_records(path):
     """A VLMEvalKit TSV -> (records, task type, dataset name). Records: {id, image_b64, question (the prompt), answer
-    (None: predictions only), category, choices, kind}. With check_images every image is decoded once here, so a
+    (None: predictions only), category, choices, kind, where (file, line)}. Every image is decoded once here, so a
     broken one stops the run before any generation."""
     path = Path(path)
     dataset = path.stem
@@ -167,7 +168,7 @@ def read_records(path, check_images=True):
     rows = [r for r in rows if r["image"] is not None]   # VLMEvalKit drops rows without an image (skip_noimg)
     if len(rows) < n_all:
         print(f"{path}: {n_all - len(rows)} row(s) without an image left out, as VLMEvalKit does", file=sys.stderr)
-    kind = task_type(rows, dataset)
+    kind = task_type(rows)
     seen = set()
     for r in rows:   # the index keys the predictions (and image references): a repeat would mix two questions
         if text(r["index"]) in seen:
@@ -175,7 +176,7 @@ def read_records(path, check_images=True):
         seen.add(text(r["index"]))
     images = {text(r["index"]): text(r["image"]) for r in rows}
     records = []
-    for r in tqdm(rows, desc="read images", disable=not check_images or len(rows) < 256):
+    for r in tqdm(rows, desc="check images", disable=len(rows) < 256):
         rid = text(r["index"])
         at = {"line": r["_line"], "rid": rid}
         b64 = images[rid]
@@ -187,10 +188,10 @@ def read_records(path, check_images=True):
         if b64.startswith("[") and b64.endswith("]"):
             raise model.data_error(path, "image", "expected one image, found a list of images (gap prompts with one "
                                                   "image per question)", **at)
-        if check_images:
-            decode_image(b64, path, **at).close()
+        decode_image(b64, path, **at).close()
         choices = {c: text(r[c]) for c in LETTERS if r.get(c) is not None} if kind == "MCQ" else None
-        records.append({"id": rid, "image_b64": b64, "where": (str(path), r["_line"]), "question": build_prompt(r, kind, dataset),
+        records.append({"id": rid, "image_b64": b64, "where": (str(path), r["_line"]),
+                        "question": build_prompt(r, kind, dataset),
                         "answer": None if r.get("answer") is None else text(r["answer"]),
                         "category": text(r.get("category") if r.get("category") is not None else "all"),
                         "choices": choices, "kind": kind, "response": None, "raw": None})
@@ -208,6 +209,8 @@ def match_option_letter(answer, choices):
     """The option letter a response names, 'Z' for a refusal, or None. The response is split into words after turning
     .()[],:;!*#{} into spaces; exactly one word must be an option letter, and it must be among the last 5 words (so
     "The answer is C, not A." names two letters and matches nothing)."""
+    if "Failed to obtain answer via API" in answer:
+        return None
     if any(r in answer for r in _REFUSALS):
         return "Z"
     words = answer.translate(str.maketrans({c: " " for c in ".()[],:;!*#{}"})).split()

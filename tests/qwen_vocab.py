@@ -65,7 +65,7 @@ def build_tokenizer():
 
 
 def write(folder):
-    """tokenizer.json (+ a hub-like tokenizer_config.json) in `folder`; returns the folder."""
+    """Write tokenizer.json into `folder`; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     build_tokenizer().save(str(folder / "tokenizer.json"))
