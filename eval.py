@@ -1,5 +1,5 @@
 """Benchmark runner for GAP: accuracy under feedback interventions, the latent-budget sweep, latency, and the
-layer-wise norm profile (the paper's Fig. 2). Data: our JSONL (DESIGN "Data": id, image, question, answer,
+layer-wise norm profile (the paper's Fig. 2). Data: our JSONL (README "Data format": id, image, question, answer,
 category optional; paths relative to the file) or a VLMEvalKit TSV (index, image as base64, question, A, B, ...
 options, answer, category).
 

@@ -415,7 +415,7 @@ def load_head(path, basis=None, kind=None, device="cpu"):
 
 
 def _atomic_save(tensors, path, meta):
-    # write then rename, so a crash never leaves a half-written file behind (STYLE 15)
+    # write then rename, so a crash never leaves a half-written file behind
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)

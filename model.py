@@ -17,7 +17,9 @@ Below the convenience call the trunk is explicit, so text, image tokens and GAP 
     .venv/bin/python -m pytest -q tests/test_model.py     # parity with transformers on tiny random checkpoints
     .venv/bin/python bench.py --config small              # speed against transformers, same weights and inputs
 
-Architecture facts and their traps are in shared/QWEN25VL.md (section numbers below refer to it).
+The reference is transformers' implementation, which the tests match to ~1e-5 in fp32:
+    https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2_5_vl/modeling_qwen2_5_vl.py
+    https://github.com/huggingface/transformers/blob/main/src/transformers/models/qwen2_vl/image_processing_qwen2_vl.py
 Only torch, safetensors, numpy and PIL are imported: transformers is a test oracle, never a dependency.
 """
 
@@ -249,7 +251,7 @@ PRESETS = {
 
 
 class RMSNorm(nn.Module):
-    """§3.3: normalise in fp32, cast back to the input dtype, *then* scale by the (model-dtype) weight."""
+    """Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, *then* scale by the (model-dtype) weight."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -291,11 +293,12 @@ def inv_freq(dim, theta, device=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- vision tower (§2) ----
+# ---- vision tower ----
 
 
 def vision_rotary_angles(grid_thw, head_dim, merge, device=None):
-    """§2.3: per patch, angles [row * f | col * f] (head_dim/2 values) in the processor's block-major patch order."""
+    """Vision 2D rotary (theta 1e4): per patch, angles [row * f | col * f] (head_dim/2 values) in the processor's
+    block-major patch order (the 4 patches of each 2x2 merge block are consecutive)."""
     f = inv_freq(head_dim // 2, 10000.0, device)      # head_dim/4 frequencies, exponent over head_dim/2
     rows, cols = [], []
     for t, h, w in grid_thw.tolist():
@@ -311,7 +314,7 @@ def vision_rotary_angles(grid_thw, head_dim, merge, device=None):
 
 
 def window_index(grid_thw, window_merged, merge):
-    """§2.4: permutation of merged tokens into windows (window_merged x window_merged merged tokens, partial at the
+    """Permutation of merged tokens into windows (window_merged x window_merged merged tokens, partial at the
     right/bottom edges), and the window boundaries in *patch* units. Empty windows are simply never produced."""
     index, cu, offset = [], [0], 0
     for t, h, w in grid_thw.tolist():
@@ -368,7 +371,8 @@ class VisionAttention(nn.Module):
     def forward(self, x, segments, cos, sin):
         N, D = x.shape
         q, k, v = self.qkv(x).view(N, 3, self.nh, D // self.nh).unbind(1)   # (N, nh, hd) each
-        # §8.3: the vision rotation runs in fp32 and is cast back (the text decoder does it differently)
+        # the vision rotation runs in fp32 and is cast back; the text decoder rotates in the activation dtype instead:
+        # copying one tower's precision policy to the other breaks bit-parity with transformers
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
         return self.proj(segments.attention(q, k, v).reshape(N, D))
@@ -395,7 +399,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         # A stride==kernel Conv3d on one (C, T, P, P) patch is a matmul with the flattened kernel; the 1176 columns
-        # are already in (C, T, y, x) order (§2.2). Inputs are cast to the weight dtype first (§8.7).
+        # are already in (C, T, y, x) order. Inputs are cast to the weight dtype first, so bf16 rounding of the
+        # normalised pixels is part of the reference.
         w = self.proj.weight
         return F.linear(x.to(w.dtype), w.view(w.shape[0], -1))
 
@@ -435,7 +440,8 @@ class VisionTransformer(nn.Module):
         ang = vision_rotary_angles(grid_thw, D // cfg.num_heads, m, x.device)
         win, cu_win = window_index(grid_thw, cfg.window_size // m // cfg.patch_size, m)
         win = win.to(x.device)
-        # window order: permute merged tokens (groups of 4 patches) and the rotary table the same way (§8.9)
+        # window order: permute merged tokens (groups of 4 patches) and the rotary table the same way
+        # (skipping the windowing moves outputs by ~0.5: windows are part of the model, not an optimisation)
         x = x.view(N // g, g, D)[win].view(N, D)
         ang = ang.view(N // g, g, -1)[win].view(N, -1)
         emb = torch.cat([ang, ang], dim=-1)[:, None, :]                      # (N, 1, hd) broadcast over heads
@@ -450,11 +456,11 @@ class VisionTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- text decoder (§3, §4) ----
+# ---- text decoder ----
 
 
 def mrope_cos_sin(position_ids, cfg: TextConfig, dtype):
-    """§4.1: position_ids (3, B, T) -> cos, sin (B, 1, T, head_dim). Angles in fp32; each contiguous frequency
+    """M-RoPE: position_ids (3, B, T) -> cos, sin (B, 1, T, head_dim). Angles in fp32; each contiguous frequency
     section takes its positions from one axis (T | H | W), then both halves repeat; cast to the activation dtype."""
     f = inv_freq(cfg.head_dim, cfg.rope_theta, position_ids.device)          # (hd/2,)
     ang = position_ids.float()[..., None] * f                                 # (3, B, T, hd/2)
@@ -592,9 +598,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)     # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v   # §8.3: in the activation dtype
+        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v   # rotated in the activation dtype
         kc, vc = self.kv_cache.update(input_pos, k, v) if input_pos is not None else (k, v)   # (B, nkv, S, hd)
-        # GQA: query head j reads kv head j // g (repeat_interleave convention, §3.2)
+        # GQA: query head j reads kv head j // g (repeat_interleave convention, as transformers' repeat_kv)
         if plan.kind == "decode":
             L = plan.kv_len
             qf = q.reshape(B, self.nkv, g, self.hd)                           # (B, nkv, g, hd): heads on the query axis
@@ -654,7 +660,7 @@ class Qwen25VL(nn.Module):
         """Token embeddings with each <|image_pad|> overwritten, in row-major order, by the next image feature."""
         x = self.model.embed_tokens(input_ids)                                 # (B, T, D)
         if pixel_values is None:
-            # checked on prompts only: a one-token decode step must not pay a host sync (STYLE 19)
+            # checked on prompts only: a one-token decode step must not pay a host sync
             if input_ids.shape[1] > 1 and bool((input_ids == self.cfg.image_token_id).any()):
                 raise ValueError("input_ids hold <|image_pad|> tokens but no pixel_values were given")
             return x
@@ -721,7 +727,7 @@ class Qwen25VL(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- M-RoPE position ids (§4.2) ----
+# ---- M-RoPE position ids ----
 
 
 def get_position_ids(cfg: Config, input_ids, image_grid_thw=None, attention_mask=None):
@@ -774,7 +780,7 @@ def get_position_ids(cfg: Config, input_ids, image_grid_thw=None, attention_mask
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- image preprocessing (§5), bit-exact with transformers' Qwen2VLImageProcessorPil ----
+# ---- image preprocessing, bit-exact with transformers' Qwen2VLImageProcessorPil ----
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -809,7 +815,7 @@ def read_pixel_limits(folder):
 
 
 def smart_resize(height, width, factor=28, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS):
-    """§5.1: multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect ratio kept."""
+    """smart_resize: multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect ratio kept."""
     if min(height, width) <= 0:
         raise DataError(f"image has zero size ({height}x{width})")
     if max(height, width) / min(height, width) > 200:
@@ -866,7 +872,7 @@ def preprocess_image(image, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MA
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- loading and saving checkpoints (HF safetensors layout, §7) ----
+# ---- loading and saving checkpoints (HF safetensors layout) ----
 
 # transformers >= 4.52 holds these names in memory and some tools save them; map them back to the hub names
 _KEY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))

@@ -239,7 +239,7 @@ def run_main(main, argv=None):
         sys.exit(1)
 
 
-# ---- tokenizer and chat template (QWEN25VL.md §1.2, §6) ----
+# ---- tokenizer and chat template (Qwen2.5-VL's ChatML, as its processor's chat_template.json renders it) ----
 
 # Qwen's 22 special tokens in id order (151643..151664); the synthetic tokenizer puts them at 643..664.
 QWEN_SPECIAL_TOKENS = (
@@ -933,7 +933,7 @@ def make_example(i, seed, raw):
 # Qwen2's pre-tokenizer split (digits one by one, as in Qwen), applied before byte-level BPE
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
               r"\s*[\r\n]+|\s+(?!\S)|\s+")
-N_REGULAR = 643   # Qwen's 151643 regular tokens, minus 151000 (CONTRACT tiny preset)
+N_REGULAR = 643   # Qwen's 151643 regular tokens, minus 151000: every special token sits at its Qwen id - 151000
 
 
 def train_tokenizer(texts):

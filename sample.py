@@ -3,7 +3,7 @@
 Text tokens come from the LM head. When a row emits <|latent_start|> it switches to latent mode for N steps: the
 input at each step is the feedback vector computed from the final-normed hidden state h̄ at the previous position
 (the state that produced <|latent_start|> gives the first latent), then <|latent_end|> is forced and text resumes.
-Latents sit at ordinary sequential text positions (DESIGN "Latent loop"). Feedback modes:
+Latents sit at ordinary sequential text positions for M-RoPE, as in training. Feedback modes:
     pca    GAP: v̂ = P_k F(h̄) + mu (Eq. 1), the trained PCA head
     full   the d -> d head (ablation "LH")
     raw    output-as-input: feed h̄ itself (Coconut-style baseline)
@@ -35,7 +35,7 @@ DEFAULT_LATENTS = 36   # N for a plain HF checkpoint (no gap.json): 6x6, the pap
 EARLY_EXIT_EVERY = 8   # check "all rows done" every 8 steps: one host sync per 8 steps instead of one per step
 
 # ---------------------------------------------------------------------------------------------------------------
-# ---- options (argparse is generated from the dataclass, STYLE 7) ----
+# ---- options (argparse is generated from the dataclass: one place for defaults and help) ----
 
 
 @dataclass

@@ -16,7 +16,7 @@ the frozen ViT is a bf16 replica outside the sharded units; the latent head and 
 --fsdp (DDP or one GPU) bf16 autocast runs over fp32 weights. Activation checkpointing and torch.compile are on by
 default on CUDA. Checkpoints are sharded (torch.distributed.checkpoint) and crash-safe; --resume continues exactly.
 
-Teacher forcing (DESIGN "Latent loop"): the input at latent pad j is the target v_j; the head reads h̄ at the
+Teacher forcing (README "The latent loop"): the input at latent pad j is the target v_j; the head reads h̄ at the
 position before pad j and predicts v̂_j; L = L_LM + lambda_latent * L_latent, each summed and divided by its global
 count (tokens, latents) over the whole optimizer step and all ranks. Records whose base-model accuracy is > tau lose
 their latent spans at load time (plain text supervision), so one prepared folder serves any tau.

@@ -2,7 +2,7 @@
 
 Builds `Qwen2_5_VLForConditionalGeneration` with a config matching model.PRESETS["tiny"], re-initialises
 every tensor (std 0.15, norm weights 1 +/- 0.15, biases std 0.15 -- the default 0.02 makes a tiny model
-almost linear and hides bugs, QWEN25VL.md section 8.12) and writes it with save_pretrained as real
+almost linear and hides bugs) and writes it with save_pretrained as real
 safetensors. Options: tied/untied lm_head, flat (hub-style) or nested (transformers-5 save) config.json,
 sharded save with model.safetensors.index.json.
 
@@ -74,7 +74,8 @@ def build_hf(tie=False, seed=0):
 
 
 def flat_config(nested):
-    """Rewrite a transformers-5 nested config.json dict into the hub's flat layout (QWEN25VL.md section 1.1)."""
+    """Rewrite a transformers-5 nested config.json dict into the hub's flat layout (text keys at
+    the top level, a nested vision_config), as in Qwen/Qwen2.5-VL-7B-Instruct's config.json."""
     t, v = nested["text_config"], nested["vision_config"]
     rp = t["rope_parameters"]
     flat = {

@@ -1,4 +1,5 @@
-"""Smoke test for bench.py: the tiny config, one iteration, ours and transformers, no timing asserts (STYLE 25).
+"""Smoke test for bench.py: the tiny config, one iteration, ours and transformers, no timing asserts (speed is
+reported by bench.py, never asserted).
 
     .venv/bin/python -m pytest -q tests/test_bench.py
 """

@@ -4,7 +4,7 @@ cached vs recomputed decoding, image preprocessing bit-exactness, and strict loa
     .venv/bin/python -m pytest -q tests/test_model.py          # ~25 s on 2 CPU cores
     .venv/bin/python -m pytest -q tests/test_model.py -s       # also prints the largest difference per test
 
-Everything runs in float32 with eager attention on the HF side (QWEN25VL.md section 9); tolerance ATOL below.
+Everything runs in float32 with eager attention on the HF side (sdpa differs by ~1e-7); tolerance ATOL below.
 HF only uses M-RoPE when it gets mm_token_type_ids, so every HF call with images passes them (hf_tiny.hf_logits).
 """
 import dataclasses
@@ -360,7 +360,7 @@ def test_config_values_are_honoured(ckpts, tmp_path, fmt):
 
 def test_bf16_error_like_hf(base, ours, hf):
     """bf16 sanity: our bf16 logits are no further from the fp32 result than transformers' bf16 logits are from
-    theirs (same precision policy, QWEN25VL.md section 8); bf16 itself moves logits by ~0.15 here."""
+    theirs (same precision policy); bf16 itself moves logits by ~0.15 here."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     hf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch.bfloat16,
                                                               attn_implementation="eager").eval()
