@@ -21,7 +21,8 @@ What is reproduced, and from where in VLMEvalKit:
   the dataset's rule (dataset/image_vqa.py): ChartQA relaxed accuracy (5 % relative, "12%" read as 0.12),
   OCRVQA/GQA case-insensitive exact match, DocVQA/InfoVQA ANLS (0.5 threshold).
 Not reproduced (refused with a message): the VQA score of TextVQA-style datasets, circular MCQ evaluation (MMBench,
-CCBench), LLM judges, multi-image rows.
+CCBench), LLM judges, multi-image rows. The per-row scores are VLMEvalKit's; the dataset-specific aggregates of MME,
+HallusionBench and POPE are not computed (eval.py reports the mean, VLMEvalKit's "Overall" elsewhere).
 """
 import ast
 import base64

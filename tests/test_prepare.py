@@ -321,8 +321,9 @@ def test_score_cli_writes_accuracy_and_resumes(syn, tmp_path, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "scored.jsonl"
     args = ["score", "--data", str(data), "--model", str(syn / "model"), "--samples", "2", "--max-new-tokens", "4",
-            "--out", str(out), "--device", "cpu"]
+            "--out", str(out), "--device", "cpu", "--max-pixels", str(56 * 56)]
     prepare.main(args)
+    assert "image pixels: min_pixels 3136 max_pixels 3136 (command line and defaults)" in capsys.readouterr().err
     scored = [json.loads(x) for x in out.read_text().splitlines()]
     assert [s["id"] for s in scored] == [r["id"] for r in recs]
     assert all(s["accuracy"] in (0.0, 0.5, 1.0) for s in scored)   # the mean of 2 graded samples
