@@ -622,7 +622,13 @@ def load_checkpoint(gap, opt, cfg, rank, device):
     step, folder = found
     model_sd, optim_sd = get_state_dict(gap, opt)
     state = dict(model=model_sd, optim=optim_sd)
-    dcp.load(state, checkpoint_id=folder)   # in place, each rank reading the shards it owns
+    try:   # .metadata first: a damaged one would make dcp.load log two tracebacks before failing
+        dcp.FileSystemReader(folder).read_metadata()
+        dcp.load(state, checkpoint_id=folder)   # in place, each rank reading the shards it owns
+    except (Exception, dcp.api.CheckpointException) as e:   # a cut-short shard or .metadata (several error types)
+        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e   # rank's own
+        raise prepare.data_error(folder, "checkpoint", f"expected readable shards and .metadata, found "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     set_state_dict(gap, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = read_state(folder / f"rng-{rank}.pt")   # RNG byte tensors only (weights_only: nothing executed)
     torch.set_rng_state(rng["torch"])

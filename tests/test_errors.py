@@ -217,14 +217,21 @@ def test_resume_refuses_a_changed_config(syn, tmp_path, monkeypatch, capsys):
 
 
 def test_unreadable_state_file(syn, tmp_path, monkeypatch, capsys):
-    folder = tmp_path / "run" / "checkpoints" / "step-00000001"
-    folder.mkdir(parents=True)
-    (folder / ".metadata").write_bytes(b"")
-    (folder / "meta.json").write_text('{"step": 1, "conf')   # damaged (a save writes it before the rename)
-    code, line = run_script("train.py", _train_argv(syn, tmp_path / "run", "--resume"), monkeypatch, capsys)
-    assert code == 1 and line.startswith(f"error: {folder / 'meta.json'}: file: expected a checkpoint's meta.json, "
-                                         f"found an unreadable one")
-
+    out = tmp_path / "run"
+    train.main(train.parse_args(_train_argv(syn, out, "--stop-after", "1")))
+    folder = train.latest_checkpoint(out)[1]
+    argv = _train_argv(syn, out, "--resume")
+    for name, want in ((next(folder.glob("*.distcp")).name, f"{folder}: checkpoint: expected readable shards"),
+                       (".metadata", f"{folder}: checkpoint: expected readable shards and .metadata, found "
+                                     f"UnpicklingError"),
+                       ("rng-0.pt", f"{folder / 'rng-0.pt'}: file: expected a torch state file, found an unreadable"),
+                       ("meta.json", f"{folder / 'meta.json'}: file: expected a checkpoint's meta.json, found an "
+                                     f"unreadable one")):
+        whole = (folder / name).read_bytes()
+        (folder / name).write_bytes(whole[:len(whole) // 2])   # a copy cut short
+        code, line = run_script("train.py", argv, monkeypatch, capsys)
+        assert code == 1 and line.startswith(f"error: {want}"), (name, line)
+        (folder / name).write_bytes(whole)
 
 
 def test_data_prepared_with_another_tokenizer(syn, tmp_path, monkeypatch, capsys):
