@@ -279,16 +279,28 @@ def barrier(world):
         dist.barrier()
 
 
-def read_parts(path):
-    """Rows (dicts) of every part file of `path`; a line cut short by a crash is dropped."""
+def read_lines(path):
+    """The JSON rows of a file; a line cut short by a crash is dropped."""
     rows = []
-    for part in sorted(path.parent.glob(path.name + ".part*")):
-        for line in part.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
     return rows
+
+
+def read_parts(path):
+    """Rows (dicts) of every part file of `path`."""
+    return [row for part in sorted(path.parent.glob(path.name + ".part*")) for row in read_lines(part)]
+
+
+def open_part(path, rank):
+    """This rank's part file for appending, with a torn last line (a crash mid-write) removed first."""
+    part = path.with_name(f"{path.name}.part{rank}")
+    if part.exists():
+        write_lines(part, read_lines(part))
+    return open(part, "a", encoding="utf-8")
 
 
 def write_lines(path, rows):
@@ -360,8 +372,7 @@ def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
     if set(done) != set(ids):
         done = {p["id"]: p for p in read_parts(path) if "id" in p}
         mine = [k for k in range(rank, len(batches), world) if not all(r["id"] in done for r in batches[k])]
-        part = path.with_name(f"{path.name}.part{rank}")
-        with open(part, "a", encoding="utf-8") as f:
+        with open_part(path, rank) as f:
             units = prefetched(lambda k: encode_records(bundle, batches[k]), mine, opts.workers)
             for k, prompts in tqdm(units, total=len(mine), desc=f"{mode} N={n_latents}", leave=False,
                                    disable=rank != 0):
@@ -640,7 +651,7 @@ def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, 
         bundle = sample.load(model_dir, prepare.resolve_dtype(dtype, device), device, *pixels)
         if rank == 0:
             prepare.print_pixels(bundle.pixels)
-    with open(out_file.with_name(f"{out_file.name}.part{rank}"), "a", encoding="utf-8") as f:
+    with open_part(out_file, rank) as f:
         units = prefetched(lambda i: encode_records(bundle, records[i:i + 1]), todo, workers)
         for i, prompts in tqdm(units, total=len(todo), desc="score", disable=rank != 0):
             r = records[i]

@@ -16,6 +16,8 @@ Latents sit at ordinary sequential text positions for M-RoPE, as in training. Fe
     python sample.py --model Qwen2.5-VL-7B-Instruct --image cat.png --question "..." --mode zero --json
 
 Library use: bundle = sample.load(DIR); rows = sample.generate(bundle, [img], ["question"], mode="pca").
+Speed: prefill once per prompt, then one step per position for the whole batch (next_inputs + trunk_step, no host
+sync); on CUDA the trunk step is compiled with CUDA graphs over power-of-two cache buckets (Trunk, compile=...).
 """
 import json
 import sys

@@ -208,3 +208,22 @@ def test_torchrun_eval_and_score_equal_one_process(folder, jsonl, tmp_path):
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
     assert [json.loads(l)["id"] for l in (tmp_path / "two.jsonl").read_text().splitlines()] == ["r0", "r1", "r2"]
     assert not list(tmp_path.glob("two.jsonl.part*"))
+
+
+def test_eval_resumes_from_part_files(folder, jsonl, tmp_path, monkeypatch):
+    """A crash leaves part files: the rerun generates only the batches no part holds, and the merged file is the
+    uninterrupted run's."""
+    argv = ["--model", str(folder), "--data", str(jsonl), "--modes", "zero", "--batch-size", "1",
+            "--max-new-tokens", "5", "--temperature", "1.0", "--device", "cpu", "--out", str(tmp_path)]
+    gapeval.main(argv)
+    path = tmp_path / "predictions-zero-0.jsonl"
+    full = path.read_text().splitlines()
+    path.unlink()
+    (tmp_path / (path.name + ".part0")).write_text(full[0] + "\n" + full[2][:30])   # r0 done, r2 torn
+    seeds = []
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: seeds.append(k.get("seed")) or real(*a, **k))
+    gapeval.main(argv)
+    assert seeds[1:] == [1, 2]                     # after the warm-up: r1 and r2 (seed + batch start) only
+    assert without_timing(path.read_text()) == without_timing("\n".join(full) + "\n")
+    assert not list(tmp_path.glob("*.part*"))
