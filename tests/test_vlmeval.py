@@ -101,10 +101,10 @@ def test_scores_agree_with_vlmevalkit(ns):
         assert got == pytest.approx(want, abs=1e-12), (pred, answer, dataset)
         n += 1
     assert n >= 60
-    # the cases the issue names, where a lenient scorer and VLMEvalKit disagree
-    lenient = [gapeval.score(p, a, o)[0] for p, a, o in MCQ[5:10]]
-    strict = [vlmevalkit.score(p, {"kind": "MCQ", "answer": a, "choices": o}, "MMStar")[0] for p, a, o in MCQ[5:10]]
-    assert lenient != [bool(s) for s in strict]
+    # where gap's lenient scorer says right and VLMEvalKit's exact matching says wrong
+    for pred in ("The answer is C, not A.", "<answer>C</answer>", "答案：C"):
+        assert gapeval.score(pred, "C", OPTS4)[0] is True
+        assert vlmevalkit.score(pred, {"kind": "MCQ", "answer": "C", "choices": OPTS4}, "MMStar") == (0.0, "Z")
 
 
 def test_process_punctuation_agrees(ns):
