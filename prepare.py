@@ -684,6 +684,8 @@ def build(opts):
     if out.resolve() == Path(opts.model).resolve() or data.resolve() == (out / "records.jsonl").resolve():
         raise data_error(out, "--out", "expected a folder other than --model that does not hold --data (the build "
                                        "writes tokenizer.json, records.jsonl, ... into it), found one that does")
+    device = resolve_device(opts.device)   # a bad --device / --dtype fails now, not after the records are checked
+    dtype = resolve_dtype(opts.dtype, device)
     cfg = model.Config.from_json(Path(opts.model) / "config.json")
     tok = load_tokenizer(opts.model)
     latent_ids = check_latent_ids(tok, cfg)
@@ -710,7 +712,7 @@ def build(opts):
         raise DataError(f"{len(skipped)} bad record(s); the first: {format_bad(data, skipped[0])} "
                         f"(fix them, or pass --skip-bad to leave them out and list them in the manifest)")
     if not recs:
-        raise DataError(f"{data}: no usable records")
+        raise data_error(data, "records", "expected at least one usable record, found none")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)   # the manifest marks a complete build: not until the end
@@ -748,8 +750,6 @@ def build(opts):
 
     # Targets, shard by shard. A shard whose fingerprint matches is kept (resume after a crash); the ViT is only
     # loaded if some shard is missing. Only the tower is kept: the decoder's weights are freed right away.
-    device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
     with_spans = [r for r in recs if r["aux_images"]]
     chunks = [with_spans[i:i + opts.shard_size] for i in range(0, len(with_spans), opts.shard_size)]
     shards, visual = [], None

@@ -390,9 +390,9 @@ def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperat
     check_mode(bundle, mode)
     m, dev = bundle.model, bundle.device
     N = bundle.n_latents if n_latents is None else int(n_latents)
-    if N < 0 or max_new_tokens < 1 or n_samples < 1:
-        raise ValueError(f"n_latents must be >= 0, max_new_tokens and n_samples >= 1 (got {N}, {max_new_tokens}, "
-                         f"{n_samples})")
+    if N < 0 or max_new_tokens < 1 or n_samples < 1 or not (temperature >= 0 and 0 < top_p <= 1):
+        raise ValueError(f"n_latents must be >= 0, max_new_tokens and n_samples >= 1, temperature >= 0 and 0 < top_p "
+                         f"<= 1 (got {N}, {max_new_tokens}, {n_samples}, {temperature}, {top_p})")
     gen = torch.Generator(device=dev).manual_seed(seed)
     rows = prompts if prompts is not None else encode_prompts(bundle, images, questions)
     trunk = get_trunk(bundle, compile)
