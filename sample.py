@@ -239,6 +239,22 @@ def image_ema(bundle, x, input_ids, n_samples=1):
     return ema
 
 
+# The per-row state machine behind every decode step. Each row is in one state; at each position it feeds one input.
+#
+#   state               the row feeds at this position               and moves to
+#   ------------------  -------------------------------------------  --------------------------------------------------
+#   text                the sampled token's embedding                latent (left = N) if the token is <|latent_start|>;
+#                                                                    done if it is <|im_end|> or <|endoftext|>; else text
+#   latent, left > 0    v = feedback(h̄), recorded as <|latent_pad|>  latent, left - 1
+#   latent, left == 0   <|latent_end|>, forced                       text
+#   done                <|endoftext|> (a harmless pad), valid False  done
+#
+# So a span is <|latent_start|> (sampled), N fed-back vectors, <|latent_end|> (forced): the same N + 2 positions the
+# training data holds. The first latent is computed from h̄ at <|latent_start|> itself. With N = 0 the row goes
+# straight from <|latent_start|> to <|latent_end|>. All of it is torch.where on (B,) tensors: rows switch
+# independently and the step never reads a value back to the host.
+
+
 class LoopState:
     """Per-row state of the text/latent state machine, all (B,) device tensors (no host sync to update it)."""
 
@@ -256,10 +272,10 @@ class LoopState:
         close = self.latent & (self.left == 0)                           # span complete: force <|latent_end|>
         tok = torch.where(close, ids["latent_end"], tok)
         tok = torch.where(use_latent, ids["latent_pad"], tok)            # recorded id of a latent position
-        valid = ~self.done
+        valid = ~self.done                                               # rows still generating at this step
         tok = torch.where(valid, tok, ids["endoftext"])                  # finished rows feed pads harmlessly
         use_latent = use_latent & valid
-        text = valid & ~self.latent
+        text = valid & ~self.latent                                      # rows whose token was sampled freely
         opened = text & (tok == ids["latent_start"])
         self.left = torch.where(use_latent, self.left - 1, torch.where(opened, n_latents, self.left))
         self.latent = (self.latent & ~close) | opened

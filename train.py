@@ -802,6 +802,7 @@ def main(cfg):
     data = MicroBatches(records, cfg, gap.vlm.cfg, rank, world)
     batches = iter(loader(data, step, cfg, pin=cuda))
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    # ---- training loop: one iteration is one optimizer step over `accum` micro-batches on each of `world` ranks ----
     while step < total:
         t0 = time.time()
         if cuda:
@@ -812,17 +813,21 @@ def main(cfg):
         every = [i for micro in plan for idx in micro for i in idx]
         n_tok, n_lat = int(records.n_sup[every].sum()), int(records.n_lat[every].sum())
         n_spans = n_lat / records.n_latents   # L_REPA is a mean over spans (each the mean over its patches)
-        for g in opt.param_groups:
+        for g in opt.param_groups:   # warmup then cosine, the same factor for the backbone and the head group
             g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup_ratio)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)            # lm, latent, valr loss sums (fp64: exact)
         bad = torch.zeros(world, accum, dtype=torch.float64, device=device)   # non-finite flags, one per micro-batch
         for j in range(accum):
             b = next(batches)
             b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+            # DDP all-reduces gradients inside backward(): skip it on every micro-batch but the last (FSDP2 and one
+            # process have no no_sync; FSDP2 reduce-scatters per backward, which accumulation needs anyway)
             sync = j == accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
             ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()   # all-reduce on the last only
             with ctx, autocast:
                 lm_sum, lat_sum, valr_sum = wrapped(b, records.pad_id, cfg.scheduled_sampling)
+                # divide the sums by the step's global counts, not per micro-batch: with masked SFT and accumulation a
+                # mean of micro-batch means over-weights short responses. Gradients are then summed over ranks.
                 loss = lm_sum / max(n_tok, 1) + cfg.lambda_latent * lat_sum / max(n_lat, 1) \
                     + cfg.repa_weight * valr_sum / max(n_spans, 1)
                 loss.backward()
@@ -839,10 +844,13 @@ def main(cfg):
                 f"non-finite loss at step {step} (rank {r}, micro-batch {j}), batch ids "
                 f"{[records.ids[i] for i in plan[j][r]]}: lm {flat[0]} latent {flat[1]}; the last good checkpoint "
                 f"is in {out}/checkpoints (train.py --resume continues from it)")
+        # clip on the global gradient norm (DDP: identical on every rank after the all-reduce; FSDP2: DTensor gradients,
+        # so the norm is taken over all shards)
         gnorm = nn.utils.clip_grad_norm_(gap.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        # ---- logging: one metrics row per step (rank 0), a log line every --log-every steps ----
         lm, lat, valr = flat[0] / max(n_tok, 1), flat[1] / max(n_lat, 1), flat[2] / max(n_spans, 1)
         dt = time.time() - t0
         tok_s = float(records.length[every].sum()) / dt
@@ -861,13 +869,14 @@ def main(cfg):
                           (f" | mfu {mfu:.1%}" if mfu else "") + (f" | peak {mem:.1f} GiB" if cuda else "") +
                           f" | eta {eta:.0f}s")
         bar.update(1)
+        # ---- checkpoints: every --save-every steps, and before an early stop (--stop-after) ----
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             save_checkpoint(gap, opt, cfg, step, rank, world, device)
         if cfg.stop_after and step >= cfg.stop_after and step < total:
             save_checkpoint(gap, opt, cfg, step, rank, world, device)
             print0(f"stopped after step {step} (--stop-after); continue with --resume", rank=rank)
             break
-    else:
+    else:   # the loop ran to the end: a final checkpoint (unless this step has one), then the loadable export
         if latest_checkpoint(cfg.out) is None or latest_checkpoint(cfg.out)[0] != step:
             save_checkpoint(gap, opt, cfg, step, rank, world, device)
         export(gap, cfg, records, basis, rank, device)
