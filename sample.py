@@ -504,17 +504,26 @@ def generate_naive(bundle, image, question, mode="pca", max_new_tokens=256, temp
 
 
 @torch.no_grad()
-def rollout_latents(m, head, x, pos, lat):
+def rollout_latents(m, head, x, pos, lat, sync_calls=False):
     """Training's output-as-input (VaLR, whose data has no latent targets): the latents generation would feed at the
     latent positions lat (B, T) of a teacher-forced sequence x (B, T, D) with positions pos (3, B, T). The text stays
     as given; the latent at t is head(h̄_{t-1}), h̄ computed with every earlier latent already fed back, exactly as
     generate() does. The sequence goes through the KV cache in chunks split at each latent position, so latent t sees
     latent t-1's input: one chunk per latent column (K per block: 17 decode calls for a K = 16 block), not a full
     forward per latent. No grad flows through the fed-back values (like scheduled sampling's detached predictions);
-    the pass that trains then reads them as inputs. -> (n_lat, D) fp32 in row-major order."""
+    the pass that trains then reads them as inputs. -> (n_lat, D) fp32 in row-major order.
+
+    sync_calls: under FSDP every forward all-gathers each layer's weights, so all ranks must make the same number of
+    decode calls: the count is all-reduced (max) and the ranks with fewer latent columns pad with throw-away calls."""
     B, T, _ = x.shape
     x = x.clone()
     cols = lat.any(0).nonzero().flatten().tolist()                              # latent positions in any row
+    n_calls = len(cols) + 1 if cols else 0                                      # chunks: the prefix, then one per column
+    if sync_calls:
+        most = torch.tensor(n_calls, device=x.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        for _ in range(int(most) - n_calls):                                    # outputs unused: only the collectives
+            m.decode(x[:, :1], pos[:, :, :1])
     if not cols:
         return x.new_zeros(0, x.shape[-1], dtype=torch.float32)
     # under autocast the trunk writes bf16 keys/values: the cache must hold that dtype, not the fp32 weights'

@@ -366,9 +366,10 @@ def lm_loss_sum(lm_head, h, pos, target, chunk=LOSS_CHUNK):
 
 
 class GAP(nn.Module):
-    def __init__(self, vlm, head, projectors=None, repa_layer=-1, n_latents=1, latent_loss="mean"):
+    def __init__(self, vlm, head, projectors=None, repa_layer=-1, n_latents=1, latent_loss="mean", own_latents=False):
         super().__init__()
         self.vlm, self.head, self.repa_layer, self.n_latents = vlm, head, repa_layer, n_latents
+        self.own_latents = own_latents   # no latent targets in the folder: feed the model's own (VaLR)
         self.valr = nn.ModuleDict(projectors) if projectors else None   # {encoder name ("gap": ViT targets): psi}
         self.latent_loss = latent_loss   # mean | sum over the d dims of one latent (see lh.latent_loss)
 
@@ -393,11 +394,13 @@ class GAP(nn.Module):
             else:
                 v_in = v
             x = x.flatten(0, 1).index_copy(0, lat, v_in.to(x.dtype)).view(B, T, D)   # input at pad j is v_j
-        elif lat.numel():
+        elif self.own_latents:
             # no targets (a --layout valr folder): output-as-input, the latents generation would feed, each the
             # head's feedback from h̄ before it, rolled out without grad through the KV cache with the text as given
+            # (called on every micro-batch, latents or not: under FSDP the ranks must make the same forward calls)
             is_lat = ids == pad_id                                          # (B, T)
-            x = x.masked_scatter(is_lat[..., None], sample.rollout_latents(m, self.head, x, pos, is_lat).to(x.dtype))
+            v_own = sample.rollout_latents(m, self.head, x, pos, is_lat, sync_calls=dist.is_initialized())
+            x = x.masked_scatter(is_lat[..., None], v_own.to(x.dtype))
         use_valr = self.valr is not None
         h, layers = m.decode(x, pos, return_layers=True) if use_valr else (m.decode(x, pos), None)
         h = h.flatten(0, 1)                                                 # (B*T, D)
@@ -492,7 +495,8 @@ def build(cfg, records, device, world):
     if cuda and not cfg.train_vision:
         vlm.visual.to(torch.bfloat16)   # frozen: no fp32 master copy needed (PatchEmbed casts pixels to its dtype)
     speedups(vlm, cfg, cuda)
-    gap = GAP(vlm, head, projectors, cfg.repa_layer, records.n_latents, cfg.latent_loss)
+    gap = GAP(vlm, head, projectors, cfg.repa_layer, records.n_latents, cfg.latent_loss,
+              own_latents=not records.manifest["shards"])
     n_train = sum(p.numel() for p in gap.parameters() if p.requires_grad)
     if cuda and not cfg.fsdp:
         # fp32 weights + fp32 gradients + AdamW's two moments: 16 bytes per trained parameter on every GPU

@@ -4,7 +4,9 @@ the output-as-input rollout of training, and the two training stages lowering L_
     .venv/bin/python -m pytest -q tests/test_valr.py
 """
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -177,15 +179,22 @@ def test_rollout_equals_sequential_feedback(syn):
     torch.testing.assert_close(got, want[lat], atol=1e-5, rtol=1e-5)
 
 
-def test_two_stages_lower_repa(syn, tmp_path):
+@pytest.fixture(scope="module")
+def prep(syn, tmp_path_factory):
+    """The synthetic train split with --layout valr (its responses mark their blocks: kept) and two stand-in
+    encoders, a (16 x 32) and b (16 x 24)."""
+    out, data = tmp_path_factory.mktemp("valr-prep"), syn / "raw" / "train.jsonl"
+    valr.main(["standin", "--data", str(data), "--out", str(out / "a.safetensors"), "--layout", "valr"])
+    valr.main(["standin", "--data", str(data), "--out", str(out / "b.safetensors"), "--layout", "valr",
+               "--dim", "24", "--seed", "1"])
+    _build(syn, data, out / "prep", f"a={out / 'a.safetensors'}", f"b={out / 'b.safetensors'}")
+    return out / "prep"
+
+
+def test_two_stages_lower_repa(syn, prep, tmp_path):
     """Stage 1: plain CoT (every block stripped, tau < 0); stage 2 from stage 1's folder: K-latent blocks fed back
     (raw head, no latent MSE) and REPA on two stand-in encoders (VaLR-M). L_REPA goes down within a few steps."""
-    data = syn / "raw" / "train.jsonl"      # the synthetic responses mark their blocks: layout valr keeps them
-    valr.main(["standin", "--data", str(data), "--out", str(tmp_path / "a.safetensors"), "--layout", "valr"])
-    valr.main(["standin", "--data", str(data), "--out", str(tmp_path / "b.safetensors"), "--layout", "valr",
-               "--dim", "24", "--seed", "1"])
-    _build(syn, data, tmp_path / "prep", f"a={tmp_path / 'a.safetensors'}", f"b={tmp_path / 'b.safetensors'}")
-    common = dict(data=str(tmp_path / "prep"), global_batch=4, micro_batch=2, latent_head="raw", device="cpu")
+    common = dict(data=str(prep), global_batch=4, micro_batch=2, latent_head="raw", device="cpu")
     s1 = train.TrainConfig(model=str(syn / "model"), out=str(tmp_path / "s1"), tau=-1.0, lr=2e-3, head_lr=2e-3,
                            epochs=1, **common)
     train.main(s1)
@@ -207,6 +216,24 @@ def test_two_stages_lower_repa(syn, tmp_path):
                                      **common))
     with pytest.raises(ValueError, match="no PCA basis"):
         train.main(train.TrainConfig(model=s1.out, out=str(tmp_path / "x"), **{**common, "latent_head": "pca"}))
+
+
+def test_fsdp_two_ranks_equal_one(syn, prep, tmp_path):
+    """FSDP all-gathers each layer per forward, and the rollout's number of decode calls depends on where a rank's
+    blocks sit: the ranks must pad to the same count, or they hang. 2 gloo ranks == 1 rank on 2 steps."""
+    args = dict(data=str(prep), model=str(syn / "model"), global_batch=4, micro_batch=1, latent_head="raw", tau=1.0,
+                lr=1e-3, head_lr=3e-3, repa_layer=2, repa_weight=0.5, stop_after=2, device="cpu")
+    train.main(train.TrainConfig(out=str(tmp_path / "one"), **args))
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()] + [f"--out={tmp_path / 'two'}", "--fsdp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(Path(train.__file__)), *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m1, m2 = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-5) and a["n_latents"] == b["n_latents"] > 0
+        assert a["valr_loss"] == pytest.approx(b["valr_loss"], rel=1e-4, abs=1e-6)
 
 
 # ---- generation: exactly K latents per block, several blocks per answer, batched and cached ----
