@@ -30,6 +30,7 @@ own (next_inputs + trunk_step): what generate() runs, not a copy of it.
 """
 
 import dataclasses
+import gc
 import statistics
 import tempfile
 import time
@@ -486,6 +487,15 @@ def hf_trainer(m, cfg, opts, device):
     return step
 
 
+def release(cuda):
+    """Free the last variant's model, optimizer state and compiled graphs before the next one is built (FSDP state
+    and modules reference each other, so only the cycle collector frees them)."""
+    gc.collect()
+    torch._dynamo.reset()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 def train_main(opts):
     import train
     prepare.check_options(opts)
@@ -529,8 +539,7 @@ def train_main(opts):
         step, n_train = ours_trainer(cfg, opts, device, variant)
         rows[name] = run(step)
         del step
-        if cuda:
-            torch.cuda.empty_cache()
+        release(cuda)
     if opts.hf and not cuda:
         m = build_ours(cfg, torch.float32, device, opts.seed)
         step = hf_trainer(m, cfg, opts, device)
@@ -568,7 +577,7 @@ def extrapolate(cfg, opts, device, variant, measured, full_depth, T, n_sup, run,
     step, _ = ours_trainer(small, opts, device, variant)
     t_half, mem_half = run(step)
     del step
-    torch.cuda.empty_cache()
+    release(True)
     t_L, mem_L = measured
 
     def counts(c):   # -> (one block's, trained (all but the frozen ViT), ViT's) parameter counts
