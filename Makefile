@@ -39,11 +39,14 @@ demo: .venv/ok
 	  --device $(DEVICE)
 	$(PY) eval.py summary $(foreach s,$(SEEDS),$(DEMO)/eval-gap-$(s) $(DEMO)/eval-control-$(s))
 
-# The GPU check (one H100, < 10 min): the CUDA-only tests, then bench.py's training-step rows for a 7B-width model
+# The GPU check (one H100, < 10 min): the CUDA-only tests (training; generation: the SDPA kernel of each attention
+# form, the CUDA-graph decode step == eager), bench.py's 7B inference rows (decode step against the HBM bound, against
+# transformers' eager and static-cache generate), then bench.py's training-step rows for a 7B-width model
 # cut to 4 layers at T = 4096 (eager / activation checkpointing, eager / compiled: MFU, peak memory) and the full 7B
 # with --fsdp on 8 GPUs extrapolated from 2 and 4 layers.
 gpu: .venv/ok
-	$(PY) -m pytest -q tests/test_gpu.py
+	$(PY) -m pytest -q -s tests/test_gpu.py tests/test_gpu_generate.py
+	$(PY) bench.py --config 7b --device cuda --compile --iters 3
 	$(PY) bench.py --train --config 7b --layers 4 --device cuda --prompt-len 3838 --compile --iters 3 --gpus 8
 
 .PHONY: venv test demo gpu

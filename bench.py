@@ -215,8 +215,7 @@ def ours_generate(bundle, ids, pv, grid, n, clk, trunk, latent=False):
         tok, _, _, _, inp = step(h, logits)
         toks.append(tok)
     t2 = clk()
-    if not trunk.compiled:
-        m.clear_cache()
+    sample.release_cache(bundle)
     return t1 - t0, (t2 - t1) / (n - 1), torch.stack(toks, 1)
 
 

@@ -517,6 +517,8 @@ def gqa_is_fused(device, dtype):
         return True                     # CPU: one kernel family either way
     key = (str(device), dtype)
     if key not in _GQA_FUSED:
+        if torch.compiler.is_compiling():   # no probe inside a traced graph (train.py --compile): flash's own rule
+            return dtype in (torch.float16, torch.bfloat16)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         q = torch.zeros(1, 4, 8, 64, device=device, dtype=dtype)
         kv = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)

@@ -379,6 +379,13 @@ class Trunk:
         return trunk_step(self.m, *args)
 
 
+def release_cache(bundle):
+    """Free the KV cache after a call, unless a compiled step exists: its CUDA graphs hold the buffers' addresses,
+    and setup_cache hands the same buffers to the next call of the same shape (eager calls included)."""
+    if not any(t.compiled for t in bundle.trunks.values()):
+        bundle.model.clear_cache()
+
+
 def get_trunk(bundle, compile=None):
     """The bundle's decode step, built once per setting. compile: None = on CUDA only, False, True (inductor), or a
     torch.compile backend name (tests use "eager" / "aot_eager" to check graph capture without a C compiler)."""
@@ -465,8 +472,7 @@ def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperat
             kv_len = kv_bucket(s + 1) if trunk.compiled else s + 1
             h, logits = trunk(inp, step_pos, slots[s:s + 1], cache_mask, kv_len)   # (B, D), (B, V)
     finally:
-        if not trunk.compiled:
-            m.clear_cache()             # a compiled step keeps the buffers: its CUDA graphs hold their addresses
+        release_cache(bundle)
     return finish_rows(bundle, toks, is_lat, norms, valid, hidden, lat_out)
 
 
