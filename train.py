@@ -471,6 +471,16 @@ def speedups(vlm, cfg, cuda):
             layer.compile()
 
 
+def check_replica_fits(model_dir, n_train, have, gpu):
+    """Without --fsdp every GPU holds fp32 weights, fp32 gradients and AdamW's two moments: 16 bytes per trained
+    parameter (a 7B: 8.3B x 16 = 133 GB, more than any one GPU). Refuse before the first step runs out of memory."""
+    need = 16 * n_train
+    if need > 0.9 * have:
+        raise prepare.DataError(f"{model_dir}: {n_train / 1e9:.1f}B trained parameters need {need / 2 ** 30:.0f} GiB "
+                                f"of weights, gradients and AdamW state per GPU without sharding, more than the "
+                                f"{have / 2 ** 30:.0f} GiB of {gpu}: use --fsdp")
+
+
 def build(cfg, records, device, world):
     cuda = device.type == "cuda"
     vlm = qm.load_pretrained(cfg.model, dtype=torch.float32, device=device)   # fp32 master weights
@@ -499,12 +509,8 @@ def build(cfg, records, device, world):
               own_latents=not records.manifest["shards"])
     n_train = sum(p.numel() for p in gap.parameters() if p.requires_grad)
     if cuda and not cfg.fsdp:
-        # fp32 weights + fp32 gradients + AdamW's two moments: 16 bytes per trained parameter on every GPU
-        need, have = 16 * n_train, torch.cuda.get_device_properties(device).total_memory
-        if need > 0.9 * have:
-            raise ValueError(f"{cfg.model}: {n_train / 1e9:.1f}B trained parameters need {need / 2 ** 30:.0f} GiB of "
-                             f"weights, gradients and AdamW state per GPU without sharding, more than the "
-                             f"{have / 2 ** 30:.0f} GiB of {torch.cuda.get_device_name(device)}: use --fsdp")
+        check_replica_fits(cfg.model, n_train, torch.cuda.get_device_properties(device).total_memory,
+                           torch.cuda.get_device_name(device))
     if cfg.fsdp:
         shard(gap, cfg, cuda)
         wrapped = gap

@@ -314,3 +314,39 @@ def test_mfu_flops_on_a_hand_computed_config():
     assert train.train_flops(text, [3, 5], 4) == 55296 + 1920 + 3264
     assert train.peak_flops(torch.device("cpu")) is None
     assert dict(train.PEAK_FLOPS)["H100"] == 989e12 and dict(train.PEAK_FLOPS)["H100 PCIe"] == 756e12
+
+
+def test_plain_ddp_refused_when_adamw_state_cannot_fit():
+    with pytest.raises(prepare.DataError, match=r"8.3B trained parameters need 124 GiB .* than the 79 GiB of "
+                                                r"NVIDIA H100 80GB HBM3: use --fsdp"):
+        train.check_replica_fits("Qwen2.5-VL-7B", 8.3e9, 85e9, "NVIDIA H100 80GB HBM3")
+    train.check_replica_fits("Qwen2.5-VL-3B-slice", 1e9, 85e9, "NVIDIA H100 80GB HBM3")   # 16 GB: fits
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_fsdp_units_and_precision_policy(syn, cuda):
+    """train.shard's units on a 1-rank gloo group (built, not run, for the CUDA policy): blocks, embedding and
+    [norm, lm_head] compute in bf16 with fp32 gradient reduction on CUDA (fp32 on CPU), the head in fp32, the frozen
+    ViT outside every unit (plain tensors, not shards)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        vlm = train.qm.load_pretrained(syn / "model")
+        for p in vlm.visual.parameters():
+            p.requires_grad_(False)
+        head = train.lh.make_head("full", vlm.cfg.text.hidden_size)
+        gap = train.GAP(vlm, head)
+        train.shard(gap, cfg_for(syn, "unused"), cuda)
+        bf16 = torch.bfloat16 if cuda else None
+        policy = lambda mod: mod._get_fsdp_state()._mp_policy
+        for unit in [*vlm.model.layers, vlm.model.embed_tokens, vlm.lm_head]:
+            assert isinstance(unit, FSDPModule)
+            assert policy(unit).param_dtype == bf16 and policy(unit).reduce_dtype == (torch.float32 if cuda else None)
+        assert vlm.model.norm._get_fsdp_state() is vlm.lm_head._get_fsdp_state()   # one unit
+        assert isinstance(head, FSDPModule) and policy(head).param_dtype is None
+        assert all(isinstance(p, DTensor) for p in vlm.model.parameters())
+        assert not any(isinstance(p, DTensor) for p in vlm.visual.parameters())
+    finally:
+        dist.destroy_process_group()
