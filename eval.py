@@ -726,7 +726,7 @@ def summary(folders):
     """Mean +- std of accuracy over seeds: eval folders named <group>-<seed> (what `make demo SEEDS=...` writes)."""
     groups = {}
     for folder in folders:
-        res = json.loads((Path(folder) / "results.json").read_text())
+        res = gapmodel.read_json(Path(folder) / "results.json")
         group = Path(folder).name.rsplit("-", 1)[0]
         for row in res["intervention"]:
             groups.setdefault((group, row["mode"]), []).append(row["accuracy"])

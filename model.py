@@ -53,6 +53,14 @@ def data_error(file, field, reason, line=None, rid=None):
     return DataError(f"{file}{at}: {field}: {reason}")
 
 
+def read_json(path):
+    """json.loads of a file, naming the file when it is missing, cut short or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise data_error(path, "file", f"expected a JSON file, found {type(e).__name__}: {e}") from None
+
+
 @contextlib.contextmanager
 def open_safetensors(path, device="cpu"):
     """safe_open that names the file when it is truncated or not safetensors at all (safetensors' own error says
@@ -799,20 +807,17 @@ def read_pixel_limits(folder):
     path = Path(folder) / "preprocessor_config.json"
     if not path.is_file():
         return None
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read: {e}") from None
+    d = read_json(path)
     size = d.get("size") if isinstance(d.get("size"), dict) else {}
     out = []
     for key, alt, default in (("min_pixels", "shortest_edge", DEFAULT_MIN_PIXELS),
                               ("max_pixels", "longest_edge", DEFAULT_MAX_PIXELS)):
         v = d.get(key) if d.get(key) is not None else size.get(alt, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{path}: {key}: expected a positive integer, found {v!r}")
+            raise DataError(f"{path}: {key}: expected a positive integer, found {v!r}")
         out.append(v)
     if out[0] > out[1]:
-        raise ValueError(f"{path}: min_pixels {out[0]} > max_pixels {out[1]}")
+        raise DataError(f"{path}: min_pixels {out[0]} > max_pixels {out[1]}")
     return tuple(out)
 
 
@@ -890,7 +895,7 @@ def _hub_name(key):
 def _checkpoint_files(path):
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
             raise DataError(f"{index} names shard file(s) that do not exist: {missing}")

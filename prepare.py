@@ -134,7 +134,7 @@ def resolve_pixels(model_dir, min_pixels=-1, max_pixels=-1):
     number of image tokens under each (1600x1200: 2451 tokens at the hub's limits, 1230 at the defaults)."""
     folder, lo, hi, where = Path(model_dir), model.DEFAULT_MIN_PIXELS, model.DEFAULT_MAX_PIXELS, "defaults"
     gap = folder / "gap.json"
-    trained = json.loads(gap.read_text()) if gap.is_file() else {}
+    trained = model.read_json(gap) if gap.is_file() else {}
     if trained.get("image_min_pixels") and trained.get("image_max_pixels"):
         lo, hi, where = trained["image_min_pixels"], trained["image_max_pixels"], str(gap)
     elif (found := model.read_pixel_limits(folder)) is not None:

@@ -92,6 +92,12 @@ def test_unreadable_checkpoint_files(syn, tmp_path, monkeypatch, capsys):
     assert code == 1 and line.startswith(f"error: {folder / 'config.json'}: cannot read config"), line
     with pytest.raises(prepare.DataError):   # --debug: the same failure raises, so Python prints the traceback
         run_script("sample.py", argv + ["--debug"], monkeypatch, capsys)
+    shutil.rmtree(folder)
+    shutil.copytree(syn / "model", folder)
+    (folder / "gap.json").write_text('{"latent_head": "pca", ')
+    code, line = run_script("sample.py", argv, monkeypatch, capsys)
+    assert code == 1 and line.startswith(f"error: {folder / 'gap.json'}: file: expected a JSON file, found "
+                                         f"JSONDecodeError"), line
 
 
 def test_a_bug_keeps_its_traceback():
