@@ -744,8 +744,8 @@ def main(argv=None):
         parser.add_argument("folders", nargs="+", help="eval output folders named <group>-<seed>")
         return summary(parser.parse_args(argv[1:]).folders)
     if argv[:1] == ["oracle"]:
-        parser = argparse.ArgumentParser(prog="eval.py oracle", description="oracle-latent probe: teacher-forced "
-                                         "tail accuracy with the true aux-image latents vs. with the spans stripped")
+        parser = prepare.Parser(prog="eval.py oracle", description="oracle-latent probe: teacher-forced tail "
+                                "accuracy with the true aux-image latents vs. with the spans stripped")
         prepare.add_options(parser, OracleOptions)
         return oracle_main(OracleOptions(**vars(parser.parse_args(argv[1:]))))
     if argv[:1] == ["norms"]:

@@ -241,3 +241,10 @@ def test_oracle_probe_feeds_true_targets(syn, monkeypatch):
     assert none["n"] == 3 and not torch.isin(ids_in[0], torch.tensor([recs.start_id, recs.pad_id])).any()
     with pytest.raises(ValueError, match="feed 'own'"):
         gapeval.oracle_probe(m, syn / "prepared", "own")
+
+
+@pytest.mark.parametrize("sub", [[], ["norms"], ["oracle"], ["summary"]])
+def test_every_subcommand_answers_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        gapeval.main(sub + ["--help"])
+    assert e.value.code == 0 and "usage" in capsys.readouterr().out
