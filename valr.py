@@ -106,39 +106,44 @@ def store_external(name, path, blocks, out, shard_size):
     """Check FILE against the records and write its shards. blocks: [(record id, n latent blocks)] of the kept
     records that have blocks. Every id must be present with a (n_blocks, P, d) floating tensor, one (P, d) for the
     whole file, all values finite; extra ids (records skipped or without blocks) are ignored. Raises ValueError with
-    a one-line message naming the file, the id and what was expected. -> {"dim": d, "patches": P, "shards": [...]}."""
+    a one-line message naming the file, the id and what was expected. -> {"file", "patches": P, "dim": d, "shards"}."""
     where = lambda rid: f"{path} (id {rid}): external '{name}'"
-    try:
-        f = safe_open(str(path), framework="pt")
-    except Exception as e:   # safetensors raises its own error types for truncated or foreign files
-        raise ValueError(f"{path}: external '{name}': expected a safetensors file, found an unreadable one ({e})")
-    keys, P_d, shards = set(f.keys()), None, []
     for old in Path(out).glob(f"external-{name}-*.safetensors"):   # a rebuild with fewer records leaves no stale shard
         old.unlink()
-    for s in range(0, len(blocks), shard_size):
-        tensors = {}
-        for rid, n in tqdm(blocks[s:s + shard_size], desc=f"external {name}", disable=len(blocks) < 1000):
-            if rid not in keys:
-                raise ValueError(f"{where(rid)}: expected a ({n}, P, d) tensor for its {n} latent block(s), found no "
-                                 f"such id in the file")
-            t = f.get_tensor(rid)
-            want = f"({n}, {P_d[0]}, {P_d[1]})" if P_d else f"({n}, P, d)"
-            ok = t.dim() == 3 and t.shape[0] == n and min(t.shape) > 0 and t.is_floating_point()
-            if not ok or (P_d is not None and tuple(t.shape[1:]) != P_d):
-                raise ValueError(f"{where(rid)}: expected a floating {want} tensor (one per latent block), found "
-                                 f"{tuple(t.shape)} {t.dtype}")
-            bad = int((~torch.isfinite(t)).sum())
-            if bad:
-                raise ValueError(f"{where(rid)}: expected finite values, found {bad} NaN/inf of {t.numel()}")
-            P_d = P_d or tuple(t.shape[1:])
-            tensors[rid] = t.to(torch.bfloat16).contiguous()
-        shard = f"external-{name}-{s // shard_size:05d}.safetensors"
-        prepare.write_shard(tensors, Path(out) / shard, "")
-        shards.append(shard)
+    P_d, shards = None, []
+    with _open(name, path) as f:
+        keys = set(f.keys())
+        for s in range(0, len(blocks), shard_size):
+            tensors = {}
+            for rid, n in tqdm(blocks[s:s + shard_size], desc=f"external {name}", disable=len(blocks) < 1000):
+                if rid not in keys:
+                    raise ValueError(f"{where(rid)}: expected a ({n}, P, d) tensor for its {n} latent block(s), "
+                                     f"found no such id in the file")
+                t = f.get_tensor(rid)
+                want = f"({n}, {P_d[0]}, {P_d[1]})" if P_d else f"({n}, P, d)"
+                ok = t.dim() == 3 and t.shape[0] == n and min(t.shape) > 0 and t.is_floating_point()
+                if not ok or (P_d is not None and tuple(t.shape[1:]) != P_d):
+                    raise ValueError(f"{where(rid)}: expected a floating {want} tensor (one per latent block), found "
+                                     f"{tuple(t.shape)} {t.dtype}")
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:
+                    raise ValueError(f"{where(rid)}: expected finite values, found {bad} NaN/inf of {t.numel()}")
+                P_d = P_d or tuple(t.shape[1:])
+                tensors[rid] = t.to(torch.bfloat16).contiguous()
+            shard = f"external-{name}-{s // shard_size:05d}.safetensors"
+            prepare.write_shard(tensors, Path(out) / shard, "")
+            shards.append(shard)
     if P_d is None:
         raise ValueError(f"{path}: external '{name}': expected features for the records' latent blocks, but no kept "
                          f"record has a block")
     return {"file": str(Path(path).resolve()), "patches": P_d[0], "dim": P_d[1], "shards": shards}
+
+
+def _open(name, path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:   # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{path}: external '{name}': expected a safetensors file, found an unreadable one ({e})")
 
 
 # ---- the stand-in encoder ----

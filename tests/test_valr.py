@@ -151,8 +151,10 @@ def _cli_error(capsys, syn, plain, out, *external):
 
 
 def test_external_spec_errors(syn, plain, tmp_path, capsys):
+    (tmp_path / "junk.st").write_bytes(b"not a safetensors file")
     for spec, msg in (("nofile", "expected NAME=FILE"), ("gap=x", "reserved"),
-                      (f"d={tmp_path / 'none.st'}", "found no such file")):
+                      (f"d={tmp_path / 'none.st'}", "found no such file"),
+                      (f"d={tmp_path / 'junk.st'}", "found an unreadable one")):
         line = _cli_error(capsys, syn, plain, tmp_path / "out", spec)
         assert line.startswith("error: ") and msg in line, line
 
