@@ -929,10 +929,10 @@ def load_pretrained(path, dtype=torch.float32, device="cpu"):
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} ({origin[k]}) vs model {tuple(expected[k])}"
                   for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k]]
     if missing or unexpected or mismatched:
-        lines = [f"{path}: checkpoint does not match the config"]
-        lines += [f"  missing: {k}" for k in missing] + [f"  unexpected: {k}" for k in unexpected]
-        lines += [f"  shape mismatch: {s}" for s in mismatched]
-        raise DataError("\n".join(lines))
+        show = lambda keys: ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        found = "; ".join(f"{len(keys)} {what}: {show(keys)}" for what, keys in (
+            ("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)) if keys)
+        raise data_error(path, "weights", f"expected the tensors of its config.json, found {found}")
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     m.load_state_dict(state, strict=True, assign=True)
