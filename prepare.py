@@ -209,6 +209,11 @@ def check_options(opts):
             raise DataError(f"--{f.name.replace('_', '-')}: {problem}")
 
 
+class _Ignored(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        pass
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line, "error: <prog>: --flag: <expected, found>" (exit 2), instead
     of the usage block; --help also lists --debug, which run_main handles."""
@@ -216,7 +221,9 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *a, **k):
         k.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*a, **k)
-        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+        # listed for --help only: run_main takes --debug out of argv; the action stores nothing, so even an
+        # abbreviation (--deb) never reaches the options dataclass
+        self.add_argument("--debug", nargs=0, action=_Ignored, default=argparse.SUPPRESS,
                           help="print the traceback of an expected error too")
 
     def error(self, message):
