@@ -131,11 +131,14 @@ def dist_init(cfg):
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():   # (a caller running several trainings may have set it up)
+    if (world > 1 or cfg.fsdp) and not dist.is_initialized():   # (a caller running several trainings may have)
         # an explicit timeout (NCCL's default is 10 min) and device_id, which binds the NCCL communicator to this GPU
-        # up front instead of guessing it at the first collective
+        # up front instead of guessing it at the first collective. FSDP needs a group even on one device: without
+        # torchrun's rendezvous variables, a one-rank group on an in-process store
+        store = None if "MASTER_ADDR" in os.environ else dist.HashStore()
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.dist_timeout),
-                                device_id=device if cuda else None)
+                                device_id=device if cuda else None, store=store,
+                                rank=rank if store else -1, world_size=world if store else -1)
     return rank, world, device
 
 
@@ -895,7 +898,7 @@ def main(cfg):
     del batches   # stops the DataLoader's workers
     if metrics:
         metrics.close()
-    if world > 1 and owned:
+    if owned and dist.is_initialized():
         dist.destroy_process_group()
     return gap
 

@@ -257,6 +257,48 @@ def test_two_ranks_equal_one_and_resume_exactly(syn, one_rank, tmp_path, mode):
         assert train.latest_checkpoint(nan)[0] == 1   # the last good checkpoint, intact
 
 
+def test_bad_inputs(syn, tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare.py synthetic"):
+        train.main(cfg_for(syn, tmp_path, data=str(tmp_path / "synthetic" / "nothing")))
+    with pytest.raises(ValueError, match="records < --global-batch 4096"):
+        train.main(cfg_for(syn, tmp_path, global_batch=4096))
+    with pytest.raises(ValueError, match="must split into"):
+        train.main(cfg_for(syn, tmp_path, global_batch=4, micro_batch=3))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0 \(rank 0, micro-batch 0\), batch ids \["):
+        train.main(cfg_for(syn, tmp_path / "nan", lambda_latent=1e39, tau=1.0))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text((syn / "prepared" / "manifest.json").read_text())
+    (bad / "records.jsonl").write_text(json.dumps({"id": "x", "image": "y.png", "input_ids": [1, 2]}) + "\n")
+    with pytest.raises(ValueError, match=r"records.jsonl line 1: labels: expected a value, found it missing"):
+        train.Records(bad, tau=0.0)
+
+
+def test_activation_checkpointing_and_one_process_fsdp_are_exact(syn, tmp_path):
+    """Recomputing blocks changes nothing; nor does FSDP2 in one process (a one-rank group it sets up itself)."""
+    runs = []
+    for kw in (dict(), dict(activation_checkpointing=True), dict(fsdp=True)):
+        cfg = cfg_for(syn, tmp_path / str(len(runs)), tau=1.0, stop_after=2, **kw)
+        train.main(cfg)
+        runs.append([v for r in metrics(cfg.out) for v in (r["lm_loss"], r["latent_loss"], r["grad_norm"])])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6)
+    assert runs[0] == pytest.approx(runs[2], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "raw"])
+def test_other_heads_train_and_load_in_sample(syn, tmp_path, kind):
+    """The ablation heads train through the same loop, and sample.py loads what train.py exports for them."""
+    import sample
+    cfg = cfg_for(syn, tmp_path / kind, tau=1.0, epochs=1, latent_head=kind)
+    train.main(cfg)
+    assert all(r["n_latents"] > 0 for r in metrics(cfg.out))
+    bundle = sample.load(cfg.out)
+    assert bundle.kind == kind and (kind == "raw") != (Path(cfg.out) / "latent_head.safetensors").exists()
+    rec = json.loads((syn / "raw" / "test.jsonl").read_text().splitlines()[0])
+    row = sample.generate(bundle, [syn / "raw" / rec["image"]], [rec["question"]], mode=kind, max_new_tokens=6)[0]
+    assert row["n_generated"] <= 6
+
+
 def batches_equal(a, b):
     assert a.keys() == b.keys()
     for k in a:
