@@ -776,6 +776,11 @@ def train_flops(text, lengths, n_sup):
 # ---- the loop ----
 
 
+class NonFiniteLoss(prepare.DataError, FloatingPointError):
+    """Raised on every rank at the same step (the flags are all-reduced first) and printed as one line: a diverged
+    run is caused by its data or options, not by a bug in gap."""
+
+
 def main(cfg):
     prepare.check_options(cfg)
     owned = not dist.is_initialized()
@@ -853,7 +858,7 @@ def main(cfg):
         flags = np.asarray(flat[3:]).reshape(world, accum)
         if flags.any():   # every rank sees the same flags, so every rank stops here, before the optimizer step
             r, j = (int(x) for x in np.argwhere(flags)[0])
-            raise FloatingPointError(
+            raise NonFiniteLoss(
                 f"non-finite loss at step {step} (rank {r}, micro-batch {j}), batch ids "
                 f"{[records.ids[i] for i in plan[j][r]]}: lm {flat[0]} latent {flat[1]}; the last good checkpoint "
                 f"is in {out}/checkpoints (train.py --resume continues from it)")

@@ -98,8 +98,9 @@ def test_fsdp_bf16_units_under_torchrun_resume(syn, tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
               str(ROOT / "train.py")]
     for out, extra in (("a", []), ("b", ["--stop-after", "3"]), ("b", ["--resume"])):
-        r = subprocess.run(launch + train_args(syn, tmp_path / out, "--fsdp", *extra), env=env, capture_output=True,
-                           text=True, timeout=600)
+        # --no-compile: compilation is covered above, and three compiled launches would take minutes
+        r = subprocess.run(launch + train_args(syn, tmp_path / out, "--fsdp", "--no-compile", *extra), env=env,
+                           capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
     la = [json.loads(x)["lm_loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["lm_loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
