@@ -722,19 +722,35 @@ def oracle_main(opts):
 # ---- CLI ----
 
 
-def summary(folders):
-    """Mean +- std of accuracy over seeds: eval folders named <group>-<seed> (what `make demo SEEDS=...` writes)."""
+def summary(folders, json_path=None):
+    """Mean +- std (over seeds, ddof 0) of accuracy: eval folders named [eval-]<group>-<seed> (what `make demo`
+    writes). json_path: also write {group: {mode: {"mean", "std", "seeds": {seed: accuracy}}}} there."""
     groups = {}
     for folder in folders:
         res = gapmodel.read_json(Path(folder) / "results.json")
-        group = Path(folder).name.rsplit("-", 1)[0]
+        group, seed = Path(folder).name.rsplit("-", 1)
         for row in res["intervention"]:
-            groups.setdefault((group, row["mode"]), []).append(row["accuracy"])
-    rows = [{"run": g, "mode": m, "seeds": len(a), "mean": float(np.mean(a)), "std": float(np.std(a))}
-            for (g, m), a in groups.items()]
+            groups.setdefault((group, row["mode"]), {})[seed] = row["accuracy"]
+    rows = [{"run": g, "mode": m, "seeds": len(a), "mean": float(np.mean(list(a.values()))),
+             "std": float(np.std(list(a.values())))} for (g, m), a in groups.items()]
     print(format_table(rows, [("run", "run", "{}"), ("mode", "mode", "{}"), ("seeds", "seeds", "{}"),
                               ("accuracy", "mean", "{:.4f}"), ("+-", "std", "{:.4f}")]))
+    if json_path:
+        table = {}
+        for r in rows:
+            by_seed = groups[(r["run"], r["mode"])]
+            table.setdefault(r["run"].removeprefix("eval-"), {})[r["mode"]] = {
+                "mean": r["mean"], "std": r["std"], "seeds": by_seed}
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(Path(json_path), json.dumps(table, indent=2) + "\n")
+        print(f"wrote {json_path}")
     return rows
+
+
+def _atomic_write(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -742,7 +758,9 @@ def main(argv=None):
     if argv[:1] == ["summary"]:
         parser = prepare.Parser(prog="eval.py summary", description="accuracy mean +- std over seeds")
         parser.add_argument("folders", nargs="+", help="eval output folders named <group>-<seed>")
-        return summary(parser.parse_args(argv[1:]).folders)
+        parser.add_argument("--json", default=None, help="also write the table as JSON here (e.g. out/demo/summary.json)")
+        a = parser.parse_args(argv[1:])
+        return summary(a.folders, a.json)
     if argv[:1] == ["oracle"]:
         parser = prepare.Parser(prog="eval.py oracle", description="oracle-latent probe: teacher-forced tail "
                                 "accuracy with the true aux-image latents vs. with the spans stripped")

@@ -69,7 +69,9 @@ class BuildOptions:
                                                           "model folder's preprocessor_config.json"})
     layout: str = field(default="gap", metadata={"help": "gap: a <latent> span per aux image (N latents, ViT targets, "
                                                          "PCA) | valr: a K-latent block before each reasoning step "
-                                                         "(valr.py), no ViT targets", "choices": ("gap", "valr")})
+                                                         "(valr.py), no ViT targets | text: plain-text data with no "
+                                                         "span (a base-model stage), no targets, no PCA",
+                                                 "choices": ("gap", "valr", "text")})
     k: int = field(default=16, metadata={"min": 1, "help": "--layout valr: K latents per block (VaLR: 16)"})
     external: list = field(default_factory=list, metadata={
         "help": "NAME=FILE: external encoder features {record id: (n_blocks, P, d)} for REPA (valr.py)"})
@@ -84,6 +86,10 @@ class SyntheticOptions:
                              metadata={"min": 0, "max": 1, "help": "fraction of examples in raw/test.jsonl"})
     latents: int = field(default=36, metadata={"min": 1, "help": "N latents per span for the build step"})
     device: str = field(default="auto", metadata={"help": "device for the build step"})
+    task: str = field(default="classic", metadata={
+        "help": "classic: three toy families + a random tiny model + build | base: the tile miniature's single-hop "
+                "data + a random base model + build | tiles: its two-hop demo data (raw/ only: score and build it "
+                "with the trained base)", "choices": ("classic", "base", "tiles")})
 
 
 @dataclass
@@ -731,7 +737,11 @@ def build(opts):
                      "n_spans": r["response"].count(LATENT_PLACEHOLDER), "accuracy": r["accuracy"], "answer": r["answer"],
                      "question": r["question"], "response": r["response"], "aux_images": r["aux_images"]})
     _atomic_text(out / "records.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    if not any(row["n_spans"] for row in rows):
+    if opts.layout == "text" and any(row["n_spans"] for row in rows):
+        first = next(row for row in rows if row["n_spans"])
+        raise DataError(f"{data} (id {first['id']}): response: --layout text expects no {LATENT_PLACEHOLDER}, "
+                        f"found {first['n_spans']}")
+    if opts.layout != "text" and not any(row["n_spans"] for row in rows):
         raise DataError(f"{data}: no record has a latent span ({LATENT_PLACEHOLDER}"
                         + (" or a reasoning step" if valr_layout else "") + "); nothing to train the latents on")
     # external encoder features (checked before the slow ViT pass, so a bad file fails fast)
@@ -747,12 +757,13 @@ def build(opts):
                 "skipped": skipped, "model": str(Path(opts.model).resolve()), "data": str(data.resolve()),
                 "n_spans": sum(r["n_spans"] for r in rows), "image_min_pixels": opts.min_pixels,
                 "image_max_pixels": opts.max_pixels, "external": external, "shards": [], "pca": None}
-    if valr_layout:   # no ViT targets, no PCA: the folder is complete
+    if opts.layout != "gap":   # valr, text: no ViT targets, no PCA: the folder is complete
         for stale in [*out.glob("targets-*.safetensors*"), out / "pca.safetensors"]:
             stale.unlink(missing_ok=True)
         _atomic_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        print(f"build: kept {len(recs)}/{n_records} records ({len(skipped)} skipped), {manifest['n_spans']} blocks "
-              f"of K={n_latents} latents, external encoders {sorted(external) or 'none'} -> {out}")
+        print(f"build: kept {len(recs)}/{n_records} records ({len(skipped)} skipped), " + (
+              f"{manifest['n_spans']} blocks of K={n_latents} latents, external encoders {sorted(external) or 'none'}"
+              if valr_layout else "plain text") + f" -> {out}")
         return manifest
 
     # Targets, shard by shard. A shard whose fingerprint matches is kept (resume after a crash); the ViT is only
@@ -995,6 +1006,8 @@ def make_tiny_model(tok, seed):
 
 def synthetic(opts):
     check_options(opts)
+    if opts.task != "classic":
+        return synthetic_tiles(opts)
     out = Path(opts.out)
     raw = out / "raw"
     for sub in ("images", "aux"):
@@ -1019,6 +1032,33 @@ def synthetic(opts):
           f"model {n_params / 1e6:.2f}M params -> {out / 'model'}")
     return build(BuildOptions(data=str(raw / "train.jsonl"), model=str(out / "model"), out=str(out / "prepared"),
                               latents=opts.latents, device=opts.device))
+
+
+def synthetic_tiles(opts):
+    """The tile miniature (synthetic.py). base: single-hop questions, the shared tokenizer, a random base model, and
+    a plain-text build (the base is trained without latents). tiles: the demo's raw/ split only, because its
+    `accuracy` comes from scoring the trained base (`prepare.py score`) before `prepare.py build`."""
+    import synthetic as tiles
+    out = Path(opts.out)
+    raw = out / "raw"
+    for sub in ("images", "aux"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    mix = tiles.BASE_MIX if opts.task == "base" else tiles.TILES_MIX
+    recs = [tiles.make_example(i, opts.seed, raw, mix, opts.latents)
+            for i in tqdm(range(opts.n), desc=f"synthetic {opts.task}", disable=opts.n < 100)]
+    n_test = round(opts.n * opts.test_frac)
+    for name, part in (("train", recs[n_test:]), ("test", recs[:n_test])):   # i.i.d. examples: no shuffle needed
+        _atomic_text(raw / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in part))
+    print(f"synthetic {opts.task}: {opts.n} examples ({opts.n - n_test} train, {n_test} test) -> {raw}")
+    if opts.task == "tiles":
+        return None
+    tok = train_tokenizer(["system\n" + SYSTEM_PROMPT, "user\n", "assistant\n", "\n", *tiles.tokenizer_texts()])
+    m = tiles.make_model(tok, opts.seed)
+    model.save_pretrained(m, out / "model")
+    tok.save(str(out / "model" / "tokenizer.json"))
+    print(f"synthetic base: model {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params -> {out / 'model'}")
+    return build(BuildOptions(data=str(raw / "train.jsonl"), model=str(out / "model"), out=str(out / "prepared"),
+                              latents=opts.latents, device=opts.device, layout="text"))
 
 
 # ---- command line ----

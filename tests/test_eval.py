@@ -200,12 +200,18 @@ def test_summary_over_seeds(tmp_path, capsys):
         (tmp_path / name).mkdir()
         rows = [{"mode": m, "accuracy": a} for m, a in accs.items()]
         (tmp_path / name / "results.json").write_text(json.dumps({"intervention": rows}))
-    rows = gapeval.main(["summary", *(str(p) for p in sorted(tmp_path.iterdir()))])
+    folders = [str(p) for p in sorted(tmp_path.iterdir())]
+    rows = gapeval.main(["summary", *folders, "--json", str(tmp_path / "demo" / "summary.json")])
     got = {(r["run"], r["mode"]): (r["seeds"], r["mean"], r["std"]) for r in rows}
     assert got[("eval-gap", "pca")] == (2, pytest.approx(0.6), pytest.approx(0.1))
     assert got[("eval-gap", "zero")] == (2, pytest.approx(0.25), pytest.approx(0.0))
     assert got[("eval-control", "zero")] == (1, pytest.approx(0.4), pytest.approx(0.0))
     assert "eval-gap" in capsys.readouterr().out
+    # summary.json: what `make demo` writes beside the printed table, read back
+    table = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(table) == {"gap", "control"} and set(table["gap"]) == {"pca", "zero"}
+    assert table["gap"]["pca"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1), "seeds": {"1": 0.5, "2": 0.7}}
+    assert table["control"]["zero"]["seeds"] == {"1": 0.4} and table["control"]["zero"]["std"] == 0.0
 
 
 # ---- the oracle-latent probe ---------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""The tile miniature (synthetic.py): the two-hop logic, what the aux image and the <parser> may and may not say, and
+the base recipe end to end in a shortened form (base data -> base training with the ViT -> demo data scored by the
+base -> build with its ViT -> a GAP step). CPU, seconds.
+    .venv/bin/python -m pytest -q tests/test_tiles.py
+"""
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import prepare  # noqa: E402
+import synthetic  # noqa: E402
+import train  # noqa: E402
+
+
+def test_two_hop_answer_and_what_the_text_reveals():
+    rng = random.Random(0)
+    for _ in range(200):
+        bg, centre = synthetic.make_grid(rng)
+        assert len(set(bg)) == 4 and all(c != b and c in bg for b, c in zip(bg, centre))
+        q, resp, answer, auxes = synthetic.ask("follow", bg, centre, rng, 56)
+        start = next(i for i, b in enumerate(bg) if f"the {b} tile and" in q)
+        middle = centre[start]                                   # hop 1's result
+        assert answer == centre[bg.index(middle)]                # hop 2 on it
+        assert answer != middle                                  # the single-hop answer is always wrong here
+        parser = resp.split("<parser>")[1].split("</parser>")[0]
+        assert not any(c in parser for c in synthetic.COLORS)    # names the operation, never a colour
+        assert resp.count(synthetic.LATENT_PLACEHOLDER) == 1 and len(auxes) == 1
+        # the aux image is the start tile zoomed: its background at the corners, its centre colour in the middle
+        aux = auxes[0]
+        assert aux.size == (56, 56)
+        assert aux.getpixel((1, 1)) == synthetic.COLORS[bg[start]] and aux.getpixel((28, 28)) == synthetic.COLORS[middle]
+        q1, _, a1, aux1 = synthetic.ask("inside", bg, centre, rng, 56)
+        assert aux1 == [] and a1 == centre[bg.index(q1.split("the ")[1].split(" tile")[0])]
+
+
+def test_render_puts_one_tile_per_image_token():
+    bg, centre = ["red", "green", "blue", "yellow"], ["green", "blue", "yellow", "red"]
+    img = synthetic.render(bg, centre)
+    assert img.size == (56, 56)   # 2x2 merged 28x28 tokens
+    for i, (x, y) in enumerate(((0, 0), (28, 0), (0, 28), (28, 28))):
+        assert img.getpixel((x + 1, y + 1)) == synthetic.COLORS[bg[i]]
+        assert img.getpixel((x + 14, y + 14)) == synthetic.COLORS[centre[i]]
+
+
+def test_base_recipe_short(tmp_path):
+    """`make base` + the demo's data steps, shortened: every stage runs and hands the next what it needs."""
+    base = tmp_path / "base"
+    prepare.main(["synthetic", "--task", "base", "--out", str(base), "--n", "24", "--latents", "4", "--device", "cpu"])
+    man = json.loads((base / "prepared" / "manifest.json").read_text())
+    assert man["n_spans"] == 0 and man["pca"] is None and man["n_kept"] == 19
+    cats = {json.loads(line)["category"] for line in (base / "raw" / "train.jsonl").read_text().splitlines()}
+    assert cats == {k for k, _ in synthetic.BASE_MIX}
+    cfg = train.TrainConfig(data=str(base / "prepared"), model=str(base / "model"), out=str(tmp_path / "ckpt"),
+                            latent_head="raw", train_vision=True, global_batch=8, micro_batch=8, epochs=1, lr=1e-2,
+                            device="cpu")
+    train.main(cfg)
+    before, after = load_file(base / "model" / "model.safetensors"), load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert not torch.equal(before["visual.patch_embed.proj.weight"], after["visual.patch_embed.proj.weight"])
+
+    tiles = tmp_path / "tiles"
+    prepare.main(["synthetic", "--task", "tiles", "--out", str(tiles), "--n", "10", "--latents", "4"])
+    assert not (tiles / "prepared").exists()   # accuracy comes from the base, not from the generator
+    scored = tiles / "raw" / "train.scored.jsonl"
+    prepare.main(["score", "--data", str(tiles / "raw" / "train.jsonl"), "--model", str(tmp_path / "ckpt"),
+                  "--samples", "2", "--max-new-tokens", "8", "--out", str(scored), "--device", "cpu"])
+    recs = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert len(recs) == 8 and all(0.0 <= r["accuracy"] <= 1.0 for r in recs)
+    prepare.main(["build", "--data", str(scored), "--model", str(tmp_path / "ckpt"), "--out", str(tiles / "prepared"),
+                  "--latents", "4", "--device", "cpu"])
+    man = json.loads((tiles / "prepared" / "manifest.json").read_text())
+    assert man["n_spans"] == sum(r["category"] == "follow" for r in recs) > 0 and man["pca"]["k"] >= 1
+    gap = train.TrainConfig(data=str(tiles / "prepared"), model=str(tmp_path / "ckpt"), out=str(tmp_path / "gap"),
+                            tau=1.0, global_batch=4, micro_batch=4, epochs=1, device="cpu", stop_after=1)
+    train.main(gap)
+    row = json.loads((tmp_path / "gap" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["n_latents"] > 0 and row["latent_loss"] > 0
