@@ -2,12 +2,20 @@
 PY ?= .venv/bin/python
 DEVICE ?= cpu
 DEMO ?= out/demo
-SYN ?= data/synthetic
-N ?= 600
-# The tiny synthetic model learns in minutes only with a far larger lr and smaller batch than the paper's 7B recipe.
-DEMO_TRAIN ?= --global-batch 16 --micro-batch 16 --lr 5e-3 --head-lr 5e-3 --epochs 8 --warmup-ratio 0.05 --log-every 40
 SEEDS ?= 1 2
-DEMO_EVAL ?= --batch-size 24 --max-new-tokens 200
+# The tile miniature (synthetic.py): N examples (test split = 20%, >= 300 by default), N latents per span = 4 (the
+# selected tile zoomed to 56x56 px = 2x2 merged tokens). BASE is the committed base checkpoint (`make base` remakes it).
+SYN ?= data/tiles
+N ?= 1500
+LATENTS ?= 4
+BASE ?= checkpoints/tiles-base
+BASE_DATA ?= data/tiles-base
+BASE_N ?= 3000
+# The tiny models learn in minutes only with a far larger lr and smaller batch than the paper's 7B recipe.
+BASE_TRAIN ?= --latent-head raw --global-batch 16 --micro-batch 16 --lr 3e-3 --head-lr 3e-3 --epochs 2 \
+  --warmup-ratio 0.05 --log-every 50
+DEMO_TRAIN ?= --global-batch 16 --micro-batch 16 --lr 3e-3 --head-lr 3e-3 --epochs 2 --warmup-ratio 0.05 --log-every 50
+DEMO_EVAL ?= --batch-size 50 --max-new-tokens 48
 
 .venv/ok: requirements.txt requirements-dev.txt requirements-oracle.txt
 	test -d .venv || python3 -m venv .venv
@@ -21,23 +29,49 @@ venv: .venv/ok
 test: .venv/ok
 	$(PY) -m pytest -q tests
 
-# GAP (PCA head, tau = 0 from the generator's difficulty) against a control trained on the same data with every
-# latent span stripped (tau = -1); then the intervention table on the held-out split and the norm profile plot.
+# The base model: single-hop tile questions (plus warm-ups without search), no latents, the random ViT frozen; two
+# stages (the second a fresh schedule from the first). Its folder keeps the config, weights, tokenizer, training
+# log (metrics.jsonl) and the command that made it (COMMAND); the optimizer state is dropped.
+base: .venv/ok
+	$(PY) prepare.py synthetic --task base --out $(BASE_DATA) --n $(BASE_N) --latents $(LATENTS) --device $(DEVICE)
+	$(PY) train.py --data $(BASE_DATA)/prepared --model $(BASE_DATA)/model --out $(BASE_DATA)/stage1 --device $(DEVICE) \
+	  $(BASE_TRAIN)
+	$(PY) train.py --data $(BASE_DATA)/prepared --model $(BASE_DATA)/stage1 --out $(BASE) --device $(DEVICE) \
+	  $(BASE_TRAIN) --epochs 3
+	rm -rf $(BASE)/checkpoints
+	$(PY) eval.py --model $(BASE) --data $(BASE_DATA)/raw/test.jsonl --modes zero --out $(BASE)/eval --device $(DEVICE) \
+	  $(DEMO_EVAL)
+	echo "make base BASE_N=$(BASE_N) BASE_TRAIN='$(BASE_TRAIN)' DEVICE=$(DEVICE)" > $(BASE)/COMMAND
+
+# From the base: two-hop data scored by the base (8 samples; tau = 0 keeps latents where it never succeeds), built
+# with its ViT; then per seed GAP (PCA head, tau 0) and the control trained on the same data with every latent span
+# stripped (tau -1); the intervention table on the held-out split, the oracle-latent probe, the norm profile, and
+# the summary over seeds (printed and written to $(DEMO)/summary.json).
 demo: .venv/ok
-	$(PY) prepare.py synthetic --out $(SYN) --n $(N) --device $(DEVICE)
+	$(PY) prepare.py synthetic --task tiles --out $(SYN) --n $(N) --latents $(LATENTS)
+	$(PY) prepare.py score --data $(SYN)/raw/train.jsonl --model $(BASE) --samples 8 --max-new-tokens 48 \
+	  --out $(SYN)/raw/train.scored.jsonl --device $(DEVICE)
+	$(PY) prepare.py build --data $(SYN)/raw/train.scored.jsonl --model $(BASE) --out $(SYN)/prepared \
+	  --latents $(LATENTS) --device $(DEVICE)
+	$(PY) prepare.py build --data $(SYN)/raw/test.jsonl --model $(BASE) --out $(SYN)/prepared-test \
+	  --latents $(LATENTS) --device $(DEVICE)
+	$(PY) eval.py --model $(BASE) --data $(SYN)/raw/test.jsonl --modes zero --out $(DEMO)/eval-base \
+	  --device $(DEVICE) $(DEMO_EVAL)
 	for s in $(SEEDS); do \
-	  $(PY) train.py --data $(SYN)/prepared --model $(SYN)/model --out $(DEMO)/gap-$$s --tau 0 --seed $$s \
+	  $(PY) train.py --data $(SYN)/prepared --model $(BASE) --out $(DEMO)/gap-$$s --tau 0 --seed $$s \
 	    --device $(DEVICE) $(DEMO_TRAIN) && \
-	  $(PY) train.py --data $(SYN)/prepared --model $(SYN)/model --out $(DEMO)/control-$$s --tau -1 --seed $$s \
+	  $(PY) train.py --data $(SYN)/prepared --model $(BASE) --out $(DEMO)/control-$$s --tau -1 --seed $$s \
 	    --device $(DEVICE) $(DEMO_TRAIN) && \
 	  $(PY) eval.py --model $(DEMO)/gap-$$s --data $(SYN)/raw/test.jsonl --modes pca,zero,noise,raw \
 	    --out $(DEMO)/eval-gap-$$s --device $(DEVICE) $(DEMO_EVAL) && \
 	  $(PY) eval.py --model $(DEMO)/control-$$s --data $(SYN)/raw/test.jsonl --modes zero \
 	    --out $(DEMO)/eval-control-$$s --device $(DEVICE) $(DEMO_EVAL) || exit 1; \
 	done
+	$(PY) eval.py oracle --model $(DEMO)/gap-$(firstword $(SEEDS)) --data $(SYN)/prepared-test --device $(DEVICE)
 	$(PY) eval.py norms --model $(DEMO)/gap-$(firstword $(SEEDS)) --data $(SYN)/raw/test.jsonl --out $(DEMO)/norms \
 	  --device $(DEVICE)
-	$(PY) eval.py summary $(foreach s,$(SEEDS),$(DEMO)/eval-gap-$(s) $(DEMO)/eval-control-$(s))
+	$(PY) eval.py summary $(foreach s,$(SEEDS),$(DEMO)/eval-gap-$(s) $(DEMO)/eval-control-$(s)) \
+	  --json $(DEMO)/summary.json
 
 # The GPU check (one H100, < 10 min): the CUDA-only tests (training; generation: the SDPA kernel of each attention
 # form, the CUDA-graph decode step == eager), bench.py's 7B inference rows (decode step against the HBM bound, against
@@ -49,4 +83,4 @@ gpu: .venv/ok
 	$(PY) bench.py --config 7b --device cuda --compile --iters 3
 	$(PY) bench.py --train --config 7b --layers 4 --device cuda --prompt-len 3838 --compile --iters 3 --gpus 8
 
-.PHONY: venv test demo gpu
+.PHONY: venv test base demo gpu

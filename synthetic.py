@@ -53,10 +53,10 @@ def make_grid(rng):
 
 
 def draw_tile(draw, x0, y0, side, bg, centre):
+    s = side * CENTRE // TILE   # the centre square scales with the tile: 12 px at 28, 24 px zoomed to 56
+    c = (side - s) // 2
     draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], fill=COLORS[bg])
-    c0 = x0 + (side - side * CENTRE // TILE) // 2
-    s = side * CENTRE // TILE
-    draw.rectangle([c0, y0 + (c0 - x0), c0 + s - 1, y0 + (c0 - x0) + s - 1], fill=COLORS[centre])
+    draw.rectangle([x0 + c, y0 + c, x0 + c + s - 1, y0 + c + s - 1], fill=COLORS[centre])
 
 
 def render(bg, centre):
