@@ -3,14 +3,16 @@ PY ?= .venv/bin/python
 DEVICE ?= cpu
 DEMO ?= out/demo
 SEEDS ?= 1 2
-# The tile miniature (synthetic.py): N examples (test split = 20%, >= 300 by default), N latents per span = 4 (the
+# The tile miniature (synthetic.py): N examples (TEST_FRAC of them held out: 306 by default), 4 latents per span (the
 # selected tile zoomed to 56x56 px = 2x2 merged tokens). BASE is the committed base checkpoint (`make base` remakes it).
 SYN ?= data/tiles
-N ?= 1500
+N ?= 900
+TEST_FRAC ?= 0.34
 LATENTS ?= 4
 BASE ?= checkpoints/tiles-base
 BASE_DATA ?= data/tiles-base
 BASE_N ?= 3000
+BASE_EPOCHS2 ?= 3
 # The tiny models learn in minutes only with a far larger lr and smaller batch than the paper's 7B recipe.
 BASE_TRAIN ?= --latent-head raw --global-batch 16 --micro-batch 16 --lr 3e-3 --head-lr 3e-3 --epochs 2 \
   --warmup-ratio 0.05 --log-every 50
@@ -37,19 +39,21 @@ base: .venv/ok
 	$(PY) train.py --data $(BASE_DATA)/prepared --model $(BASE_DATA)/model --out $(BASE_DATA)/stage1 --device $(DEVICE) \
 	  $(BASE_TRAIN)
 	$(PY) train.py --data $(BASE_DATA)/prepared --model $(BASE_DATA)/stage1 --out $(BASE) --device $(DEVICE) \
-	  $(BASE_TRAIN) --epochs 3
+	  $(BASE_TRAIN) --epochs $(BASE_EPOCHS2)
 	rm -rf $(BASE)/checkpoints
+	cp $(BASE_DATA)/stage1/metrics.jsonl $(BASE)/metrics-stage1.jsonl
 	$(PY) eval.py --model $(BASE) --data $(BASE_DATA)/raw/test.jsonl --modes zero --out $(BASE)/eval --device $(DEVICE) \
 	  $(DEMO_EVAL)
-	echo "make base BASE_N=$(BASE_N) BASE_TRAIN='$(BASE_TRAIN)' DEVICE=$(DEVICE)" > $(BASE)/COMMAND
+	echo "OMP_NUM_THREADS=$(OMP_NUM_THREADS) make base BASE_N=$(BASE_N) BASE_EPOCHS2=$(BASE_EPOCHS2) DEVICE=$(DEVICE)" \
+	  "BASE_TRAIN='$(BASE_TRAIN)'" > $(BASE)/COMMAND
 
 # From the base: two-hop data scored by the base (8 samples; tau = 0 keeps latents where it never succeeds), built
 # with its ViT; then per seed GAP (PCA head, tau 0) and the control trained on the same data with every latent span
 # stripped (tau -1); the intervention table on the held-out split, the oracle-latent probe, the norm profile, and
 # the summary over seeds (printed and written to $(DEMO)/summary.json).
 demo: .venv/ok
-	$(PY) prepare.py synthetic --task tiles --out $(SYN) --n $(N) --latents $(LATENTS)
-	$(PY) prepare.py score --data $(SYN)/raw/train.jsonl --model $(BASE) --samples 8 --max-new-tokens 48 \
+	$(PY) prepare.py synthetic --task tiles --out $(SYN) --n $(N) --test-frac $(TEST_FRAC) --latents $(LATENTS)
+	$(PY) prepare.py score --data $(SYN)/raw/train.jsonl --model $(BASE) --samples 8 --max-new-tokens 20 \
 	  --out $(SYN)/raw/train.scored.jsonl --device $(DEVICE)
 	$(PY) prepare.py build --data $(SYN)/raw/train.scored.jsonl --model $(BASE) --out $(SYN)/prepared \
 	  --latents $(LATENTS) --device $(DEVICE)

@@ -7,6 +7,8 @@ options, answer, category).
     python eval.py --model out/gap-7b --data MathVista_MINI.tsv --device cuda --batch-size 16 --out out/mathvista
     python eval.py --model out/gap-7b --data MMStar.tsv --scoring vlmeval --min-pixels 1003520 --max-pixels 12845056
     python eval.py norms --model out/gap --data data/synthetic/raw/test.jsonl --limit 16 --out out/norms
+    python eval.py oracle --model out/gap --data PREPARED_DIR        # can the model read true aux-image latents?
+    python eval.py summary out/demo/eval-gap-1 out/demo/eval-gap-2 --json out/demo/summary.json   # over seeds
     torchrun --standalone --nproc_per_node=8 eval.py --model out/gap-7b --data MathVista_MINI.tsv --batch-size 16
 
 Outputs under --out: predictions-<mode>-<latents>.jsonl per run, results.json (both tables), norms.json/norms.png.

@@ -3,6 +3,7 @@
 The tokenizer/template half is a library (train.py, sample.py and eval.py import it); the rest is a CLI:
 
     python prepare.py synthetic --out data/synthetic    # toy tasks + tiny random checkpoint + build, < 1 min on CPU
+    python prepare.py synthetic --task base|tiles --out DIR --latents 4   # the tile miniature (synthetic.py, make base)
     python prepare.py build --data F.jsonl --model CKPT --out DIR [--latents 36] [--pca-variance 0.95] [--skip-bad]
     python prepare.py build --data F.jsonl --model Qwen2.5-VL-7B-Instruct --out DIR --device cuda --batch-size 256
     torchrun --standalone --nproc_per_node=8 prepare.py score --data F.jsonl --model Qwen2.5-VL-7B-Instruct --samples 8

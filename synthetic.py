@@ -1,16 +1,18 @@
 """The tile miniature: a synthetic world small enough for a CPU, in which GAP's latent loop has a job to do.
 
-    python prepare.py synthetic --task base --out data/tiles-base        # single-hop data + a random tiny model
-    python train.py --data data/tiles-base/prepared --model data/tiles-base/model --out base --train-vision ...
-    python prepare.py synthetic --task tiles --model base --out data/tiles   # two-hop data, scored by the base
-    make base / make demo                                                  # the whole recipe, with its flags
+    python prepare.py synthetic --task base --out data/tiles-base --latents 4      # base data + a random base model
+    python train.py --data data/tiles-base/prepared --model data/tiles-base/model --out BASE --latent-head raw ...
+    python prepare.py synthetic --task tiles --out data/tiles --latents 4          # the demo's raw/ split
+    python prepare.py score --data data/tiles/raw/train.jsonl --model BASE --samples 8 --out F.scored.jsonl
+    make base / make demo                                                          # the whole recipe, with its flags
 
 Every question image is a 2x2 grid of 28x28 tiles (56x56 pixels, so each tile is exactly one merged image token).
 A tile has a background colour (the four are distinct) and a small centre square whose colour names one of the
 other three tiles. Questions:
 
 - single hop, `inside`: "What colour is inside the red tile?" -- find the tile by content, read its centre. The base
-  model learns it (with two warm-ups that need no search: a tile's colour and centre by position).
+  model is trained on it, with warm-ups that need no search (`plain`: the whole image in one colour; `colour` and
+  `centre`: a tile named by its position).
 - two hops, `follow`: "Start at the red tile and follow its centre colour. What colour is inside the next tile?"
   Hop 1 selects the red tile; hop 2 takes its centre colour c, selects the tile whose background is c and reads that
   tile's centre. The auxiliary image is the result of hop 1 -- the red tile zoomed to 28 * sqrt(N) pixels -- so the
@@ -28,15 +30,16 @@ import torch
 from PIL import Image, ImageDraw
 
 import model
+from prepare import LATENT_PLACEHOLDER
 
 COLORS = {"red": (220, 40, 40), "green": (30, 150, 60), "blue": (40, 80, 220), "yellow": (225, 190, 20),
           "purple": (140, 60, 180), "orange": (240, 130, 30)}
 PLACES = ("top left", "top right", "bottom left", "bottom right")   # raster order = image-token order
 TILE = 28              # pixels per tile: one merged 28x28 image token
 CENTRE = 12            # side of the centre square; it spans all four 14x14 patches of its tile
-LATENT_PLACEHOLDER = "<latent>"
 
-# base data: two position warm-ups (no search), then the single-hop search the two-hop task is built from
+# base data: warm-ups that need no search (the whole image in one colour; a tile named by its position), then the
+# single-hop search the two-hop task is built from
 BASE_MIX = (("plain", 1), ("colour", 1), ("centre", 1), ("inside", 2))
 # demo data: single-hop questions (the base solves them: text only under tau = 0) and two-hop ones
 TILES_MIX = (("inside", 1), ("follow", 2))

@@ -68,6 +68,9 @@ def test_base_recipe_short(tmp_path):
     tiles = tmp_path / "tiles"
     prepare.main(["synthetic", "--task", "tiles", "--out", str(tiles), "--n", "10", "--latents", "4"])
     assert not (tiles / "prepared").exists()   # accuracy comes from the base, not from the generator
+    with pytest.raises(prepare.DataError, match="--layout text expects no <latent>, found 1"):
+        prepare.main(["build", "--data", str(tiles / "raw" / "train.jsonl"), "--model", str(tmp_path / "ckpt"),
+                      "--out", str(tmp_path / "bad"), "--layout", "text", "--latents", "4"])
     scored = tiles / "raw" / "train.scored.jsonl"
     prepare.main(["score", "--data", str(tiles / "raw" / "train.jsonl"), "--model", str(tmp_path / "ckpt"),
                   "--samples", "2", "--max-new-tokens", "8", "--out", str(scored), "--device", "cpu"])
