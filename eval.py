@@ -744,15 +744,9 @@ def summary(folders, json_path=None):
             table.setdefault(r["run"].removeprefix("eval-"), {})[r["mode"]] = {
                 "mean": r["mean"], "std": r["std"], "seeds": by_seed}
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(Path(json_path), json.dumps(table, indent=2) + "\n")
+        prepare._atomic_text(Path(json_path), json.dumps(table, indent=2) + "\n")
         print(f"wrote {json_path}")
     return rows
-
-
-def _atomic_write(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
