@@ -82,9 +82,11 @@ demo: .venv/ok
 # transformers' eager and static-cache generate), then bench.py's training-step rows for a 7B-width model
 # cut to 4 layers at T = 4096 (eager / activation checkpointing, eager / compiled: MFU, peak memory) and the full 7B
 # with --fsdp on 8 GPUs extrapolated from 2 and 4 layers.
-gpu: .venv/ok
-	$(PY) -m pytest -q -s tests/test_gpu.py tests/test_gpu_generate.py
-	$(PY) bench.py --config 7b --device cuda --compile --iters 3
-	$(PY) bench.py --train --config 7b --layers 4 --device cuda --prompt-len 3838 --compile --iters 3 --gpus 8
+# It uses the GPU machine's own python (torch with CUDA), not .venv's CPU wheel: `make gpu GPU_PY=...` to change it.
+GPU_PY ?= python3
+gpu:
+	$(GPU_PY) -m pytest -q -s tests/test_gpu.py tests/test_gpu_generate.py
+	$(GPU_PY) bench.py --config 7b --device cuda --compile --iters 3
+	$(GPU_PY) bench.py --train --config 7b --layers 4 --device cuda --prompt-len 3838 --compile --iters 3 --gpus 8
 
 .PHONY: venv test base demo gpu

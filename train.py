@@ -126,11 +126,9 @@ def parse_args(argv=None):
 
 
 def dist_init(cfg):
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = prepare.resolve_device(cfg.device)   # auto / cuda -> cuda:LOCAL_RANK (made current); cuda:N as given
+    cuda = device.type == "cuda"
     if (world > 1 or cfg.fsdp) and not dist.is_initialized():   # (a caller running several trainings may have)
         # an explicit timeout (NCCL's default is 10 min) and device_id, which binds the NCCL communicator to this GPU
         # up front instead of guessing it at the first collective. FSDP needs a group even on one device: without
