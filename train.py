@@ -52,6 +52,7 @@ import latent_head as lh
 import model as qm
 import prepare
 import sample
+from dataloader import MicroBatches, Records, collate, loader, step_plan  # noqa: F401  (train.X API)
 
 
 @dataclass
@@ -161,186 +162,6 @@ def test_kill(point, step):
     prove a kill -9 mid-save or mid-swap leaves a checkpoint that --resume takes). Nothing else reads it."""
     if os.environ.get("GAP_TEST_KILL_AT") == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- data: packed records, latent targets, stripping by tau, length-balanced micro-batches, the DataLoader ----
-
-
-class Records:
-    """The prepared folder: records.jsonl (token ids, labels, image path) and targets-*.safetensors (per record id,
-    (n_spans, N, d)). Spans of records with accuracy > tau are stripped here, so any tau reuses one folder.
-
-    Token ids and labels are packed into two int32 numpy arrays with offsets (8 bytes per token, instead of ~70 as
-    Python int lists), which DataLoader workers share with the training process copy-on-write: nothing in them is
-    a Python object whose reference count a worker would touch."""
-
-    def __init__(self, folder, tau):
-        folder = Path(folder)
-        if not (folder / "records.jsonl").exists():
-            hint = " (run `python prepare.py synthetic --out data/synthetic` first)" if "synthetic" in str(folder) else ""
-            raise FileNotFoundError(f"{folder}/records.jsonl not found: not a prepared folder{hint}")
-        self.folder, self.tau = folder, tau
-        try:   # prepare.py writes the manifest last: without it the build did not finish
-            self.manifest = json.loads((folder / "manifest.json").read_text())
-            ids = self.manifest["latent_ids"]
-            self.start_id, self.pad_id, self.end_id = ids["start"], ids["pad"], ids["end"]
-            self.n_latents = self.manifest["n_latents"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise prepare.data_error(folder / "manifest.json", "manifest", "expected the manifest of a finished "
-                                     f"`prepare.py build`, found {type(e).__name__}: {e}") from None
-        self.pixels = (self.manifest.get("image_min_pixels", 56 * 56), self.manifest.get("image_max_pixels", 28 * 28 * 1280))
-        self.ids, self.images, self.accuracy, tokens, labels, lengths = [], [], [], [], [], [0]
-        self.where, seen, path = {}, {}, folder / "records.jsonl"
-        for line_no, line in prepare.jsonl_lines(path):
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise prepare.data_error(path, "json", f"expected valid JSON, found an error ({e})", line=line_no)
-            for key in ("id", "image", "input_ids", "labels"):
-                if key not in r:
-                    raise prepare.data_error(path, key, "expected a value, found it missing", line=line_no)
-            bad = lambda name, what: prepare.data_error(path, name, what, line=line_no, rid=r["id"])
-            if len(r["input_ids"]) != len(r["labels"]):
-                raise bad("labels", f"expected {len(r['input_ids'])} labels like input_ids, found {len(r['labels'])}")
-            if r["id"] in seen:   # ids key the targets: a repeated one would train on another record's latents
-                raise bad("id", f"expected a unique id, found the id of line {seen[r['id']]} again")
-            seen[r["id"]] = line_no
-            self.ids.append(r["id"])
-            self.images.append(r["image"])
-            self.accuracy.append(r.get("accuracy"))
-            tokens.append(np.asarray(r["input_ids"], dtype=np.int32))
-            labels.append(np.asarray(r["labels"], dtype=np.int32))
-            lengths.append(len(r["input_ids"]))
-        self.tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
-        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
-        self.offsets = np.cumsum(lengths)                                    # record i: [offsets[i], offsets[i+1])
-        for shard in self.manifest["shards"]:
-            with qm.open_safetensors(folder / shard) as f:
-                self.where.update({k: folder / shard for k in f.keys()})
-        # external encoder features (VaLR's REPA targets): {name: {record id: shard}}, (n_spans, P, d) per record
-        self.external = {name: {} for name in self.manifest.get("external", {})}
-        for name, ext in self.manifest.get("external", {}).items():
-            for shard in ext["shards"]:
-                with qm.open_safetensors(folder / shard) as f:
-                    self.external[name].update({k: folder / shard for k in f.keys()})
-        self.strip = [tau < 0 or (a is not None and a > tau) for a in self.accuracy]
-        # per record after stripping: tokens, supervised next-token targets, latent pads (what a step's global
-        # counts, throughput and length balancing need, without loading a single image)
-        self.length, self.n_sup, self.n_lat = (np.zeros(len(self), np.int64) for _ in range(3))
-        for i in range(len(self)):
-            ids, lab = self.raw(i)
-            keep = ~np.isin(ids, (self.start_id, self.pad_id, self.end_id)) if self.strip[i] else slice(None)
-            self.length[i] = len(ids[keep])
-            self.n_sup[i] = (lab[keep][1:] != -100).sum()
-            self.n_lat[i] = 0 if self.strip[i] else (ids == self.pad_id).sum()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def raw(self, i):
-        """-> (input_ids, labels) of record i as stored (before stripping), int32 numpy views."""
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return self.tokens[a:b], self.labels[a:b]
-
-    def get(self, i):
-        """-> dict(input_ids, labels (T,), image path, targets (n_latents_total, d) float32 or None, external
-        {name: (n_spans, P, d) float32} or None). A --layout valr folder has no targets: its latents are fed back."""
-        ids, labels = (torch.from_numpy(x.astype(np.int64)) for x in self.raw(i))
-        rid, image = self.ids[i], self.images[i]
-        n_spans = int((ids == self.start_id).sum())
-        if self.strip[i] or n_spans == 0:
-            keep = (ids != self.start_id) & (ids != self.pad_id) & (ids != self.end_id)
-            return dict(id=rid, input_ids=ids[keep], labels=labels[keep], image=image, targets=None, external=None)
-        external = {}
-        for name, where in self.external.items():
-            with qm.open_safetensors(where[rid]) as f:
-                external[name] = f.get_tensor(rid).float()                      # (n_spans, P, d)
-            if external[name].shape[0] != n_spans:
-                raise prepare.DataError(f"{self.folder}: record {rid!r} has {n_spans} spans but external '{name}' "
-                                        f"features of shape {tuple(external[name].shape)}")
-        if not self.manifest["shards"]:
-            return dict(id=rid, input_ids=ids, labels=labels, image=image, targets=None, external=external)
-        if rid not in self.where:
-            raise prepare.DataError(f"{self.folder}: record {rid!r} has {n_spans} latent span(s) but no targets "
-                                    f"tensor")
-        with qm.open_safetensors(self.where[rid]) as f:
-            t = f.get_tensor(rid)                                            # (n_spans, N, d) bf16
-        n_pads = int((ids == self.pad_id).sum())
-        if t.shape[0] != n_spans or t.shape[0] * t.shape[1] != n_pads:
-            raise prepare.DataError(f"{self.folder}: record {rid!r} has {n_spans} spans / {n_pads} latent pads but "
-                                    f"targets of shape {tuple(t.shape)}")
-        return dict(id=rid, input_ids=ids, labels=labels, image=image, targets=t.flatten(0, 1).float(),
-                    external=external)
-
-
-def collate(examples, vlm_cfg, pad_id, pixels=(56 * 56, 28 * 28 * 1280)):
-    """Right-pad a micro-batch and build everything the forward needs, on the host (in a DataLoader worker): pixel
-    values, M-RoPE positions, the flat indices of supervised positions and latent pads. With causal attention no real
-    token ever sees the right padding, so no mask is needed."""
-    T = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), T), vlm_cfg.bos_token_id, dtype=torch.long)   # <|endoftext|>, Qwen's pad
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(examples), T, dtype=torch.long)
-    pv, grids, targets = [], [], []
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[b, :n], labels[b, :n], mask[b, :n] = e["input_ids"], e["labels"], 1
-        p, g = qm.preprocess_image(e["image"], *pixels)   # the limits prepare.py counted image tokens with
-        pv.append(p)
-        grids.append(g)
-        if e["targets"] is not None:
-            targets.append(e["targets"])
-    grid = torch.cat(grids)
-    pos, _ = qm.get_position_ids(vlm_cfg, ids, grid, mask)                         # (3, B, T)
-    # position t predicts token t+1: the LM loss reads h̄ at the positions whose next label is supervised
-    sup = F.pad(labels[:, 1:] != -100, (0, 1)).flatten()                           # (B*T,)
-    ext = [e["external"] for e in examples if e["external"]]
-    return dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=pos, pixel_values=torch.cat(pv), image_grid_thw=grid,
-                sup_pos=sup.nonzero().squeeze(1), sup_tgt=labels.flatten().roll(-1)[sup],
-                latent_pos=(ids.flatten() == pad_id).nonzero().squeeze(1),          # row-major, like the targets
-                targets=torch.cat(targets) if targets else None, ids=[e["id"] for e in examples],
-                external={n: torch.cat([x[n] for x in ext]) for n in ext[0]} if ext else {})   # (n_spans, P, d)
-
-
-def step_plan(records, cfg, step, world):
-    """plan[j][r]: the records of rank r's j-th micro-batch in optimizer step `step`. A pure function of (seed, step),
-    so resuming needs only the step number. Each epoch is a seeded permutation; each global batch is sorted by
-    length (longest first) and dealt out so that the world x micro_batch examples of accumulation step j are
-    consecutive in that order: every rank runs a micro-batch of about the same length at the same time, and FSDP's
-    per-block collectives do not wait for the longest rank. Every example is used exactly once per epoch."""
-    G, per = cfg.global_batch, world * cfg.micro_batch
-    epoch, s = divmod(step, len(records) // G)
-    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    batch = sorted(perm[s * G:(s + 1) * G], key=lambda i: -records.length[i])   # stable: ties keep perm order
-    return [[batch[j * per + r:(j + 1) * per:world] for r in range(world)] for j in range(G // per)]
-
-
-class MicroBatches(torch.utils.data.Dataset):
-    """Item k = (step, j) -> this rank's collated j-th micro-batch of that step (images decoded, positions built)."""
-
-    def __init__(self, records, cfg, vlm_cfg, rank, world):
-        self.records, self.cfg, self.vlm_cfg, self.rank, self.world = records, cfg, vlm_cfg, rank, world
-        self.accum = cfg.global_batch // (world * cfg.micro_batch)
-
-    def __len__(self):
-        return len(self.records) // self.cfg.global_batch * self.cfg.epochs * self.accum
-
-    def __getitem__(self, k):
-        step, j = divmod(k, self.accum)
-        idx = step_plan(self.records, self.cfg, step, self.world)[j][self.rank]
-        return collate([self.records.get(i) for i in idx], self.vlm_cfg, self.records.pad_id, self.records.pixels)
-
-
-def loader(data, start_step, cfg, pin):
-    """Micro-batches from `start_step` on, in order: workers decode images and build positions ahead of the GPU
-    (prefetch 4 micro-batches each), pinned memory lets the copy to the device overlap compute."""
-    order = range(start_step * data.accum, len(data))   # the sampler: the order is a pure function of the step
-    # its own generator: the DataLoader draws a worker seed when it starts, which would otherwise consume the global
-    # RNG (scheduled sampling's) at a different point in a resumed run than in an uninterrupted one
-    return torch.utils.data.DataLoader(data, batch_size=None, sampler=order, num_workers=cfg.workers, pin_memory=pin,
-                                       prefetch_factor=4 if cfg.workers else None,
-                                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -779,124 +600,162 @@ class NonFiniteLoss(prepare.DataError, FloatingPointError):
     run is caused by its data or options, not by a bug in gap."""
 
 
+def step_geometry(cfg, records, world):
+    """-> (accum, total): micro-batches per rank per step, and optimizer steps in the run."""
+    per_rank = cfg.global_batch // world
+    if cfg.global_batch % world or per_rank % cfg.micro_batch:
+        raise prepare.DataError(f"--global-batch {cfg.global_batch} must split into {world} ranks x micro-batches of "
+                                f"{cfg.micro_batch}")
+    steps_per_epoch = len(records) // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise prepare.DataError(f"{cfg.data}: {len(records)} records < --global-batch {cfg.global_batch}")
+    return per_rank // cfg.micro_batch, steps_per_epoch * cfg.epochs
+
+
+def open_metrics(out, step, resume):
+    """metrics.jsonl for appending (rank 0). On --resume, rows logged after the checkpoint's step are dropped: those
+    steps run again."""
+    path = out / "metrics.jsonl"
+    rows = path.read_text().splitlines() if resume and path.exists() else []
+    path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+    return open(path, "a")
+
+
+def step_counts(records, cfg, step, world):
+    """The step's global counts come from the plan on the host (every rank computes the same): each micro-batch's
+    sums are divided by the same numbers, with no collective before the first forward.
+    -> (plan, record indices of the step, supervised tokens, latents, latent spans)."""
+    plan = step_plan(records, cfg, step, world)
+    every = [i for micro in plan for idx in micro for i in idx]
+    n_tok, n_lat = int(records.n_sup[every].sum()), int(records.n_lat[every].sum())
+    return plan, every, n_tok, n_lat, n_lat / records.n_latents   # L_REPA is a mean over spans (each over its patches)
+
+
+def forward_backward(wrapped, batches, records, cfg, plan, counts, step, accum, rank, world, device, autocast):
+    """The `accum` micro-batches of one step on this rank: forward, loss, backward. -> the (lm, latent, valr) loss
+    sums over all ranks. One collective and one host sync per step; a non-finite loss on any rank stops every rank
+    here, before the optimizer step."""
+    n_tok, n_lat, n_spans = counts
+    sums = torch.zeros(3, dtype=torch.float64, device=device)            # lm, latent, valr loss sums (fp64: exact)
+    bad = torch.zeros(world, accum, dtype=torch.float64, device=device)   # non-finite flags, one per micro-batch
+    for j in range(accum):
+        b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        # DDP all-reduces gradients inside backward(): skip it on every micro-batch but the last (FSDP2 and one
+        # process have no no_sync; FSDP2 reduce-scatters per backward, which accumulation needs anyway)
+        sync = j == accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
+        with wrapped.no_sync() if not sync else contextlib.nullcontext(), autocast:
+            lm_sum, lat_sum, valr_sum = wrapped(b, records.pad_id, cfg.scheduled_sampling)
+            # divide the sums by the step's global counts, not per micro-batch: with masked SFT and accumulation a
+            # mean of micro-batch means over-weights short responses. Gradients are then summed over ranks.
+            loss = lm_sum / max(n_tok, 1) + cfg.lambda_latent * lat_sum / max(n_lat, 1) \
+                + cfg.repa_weight * valr_sum / max(n_spans, 1)
+            loss.backward()
+        part = torch.stack([lm_sum.detach(), lat_sum.detach(), valr_sum.detach()]).double()
+        sums += part
+        # on the device: no host sync per micro-batch
+        bad[rank, j] = (~torch.isfinite(torch.cat([part, loss.detach()[None].double()])).all()).double()
+    flat = all_sum(torch.cat([sums, bad.flatten()]), world).tolist()
+    flags = np.asarray(flat[3:]).reshape(world, accum)
+    if flags.any():   # every rank sees the same flags, so every rank stops here
+        r, j = (int(x) for x in np.argwhere(flags)[0])
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step} (rank {r}, micro-batch {j}), batch ids "
+            f"{[records.ids[i] for i in plan[j][r]]}: lm {flat[0]} latent {flat[1]}; the last good checkpoint "
+            f"is in {Path(cfg.out)}/checkpoints (train.py --resume continues from it)")
+    return flat[:3]
+
+
+def log_step(metrics, bar, cfg, gap, records, step, total, sums, counts, every, gnorm, lr, dt, world, device):
+    """One metrics.jsonl row per step (rank 0: metrics is None elsewhere), a log line every --log-every steps."""
+    n_tok, n_lat, n_spans = counts
+    lm, lat, valr = sums[0] / max(n_tok, 1), sums[1] / max(n_lat, 1), sums[2] / max(n_spans, 1)
+    tok_s = float(records.length[every].sum()) / dt
+    peak, cuda = peak_flops(device), device.type == "cuda"
+    # MFU = model FLOPs of the step (all ranks) / (seconds x peak FLOP/s x ranks); see train_flops
+    mfu = train_flops(gap.vlm.cfg.text, records.length[every], n_tok) / (dt * peak * world) if peak else None
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+    if metrics is None:
+        return
+    metrics.write(json.dumps(dict(step=step, lm_loss=lm, latent_loss=lat, valr_loss=valr, lr=lr, grad_norm=gnorm,
+                                  tokens_per_s=tok_s, mfu=mfu, peak_mem_gib=mem, n_latents=n_lat)) + "\n")
+    metrics.flush()
+    if step % cfg.log_every == 0 or step == total:
+        fields = [f"step {step}/{total}", f"lm {lm:.4f}", f"latent {lat:.4f}"]
+        fields += [f"valr {valr:.4f}"] if cfg.repa_layer >= 0 else []
+        fields += [f"lr {lr:.2e}", f"{tok_s:.0f} tok/s"] + ([f"mfu {mfu:.1%}"] if mfu else [])
+        fields += ([f"peak {mem:.1f} GiB"] if cuda else []) + [f"eta {(total - step) * dt:.0f}s"]
+        bar.write(" | ".join(fields))
+
+
+def setup_line(gap, records, cfg, world, accum, total, device):
+    """The start-up line: parameter counts, records, how a step splits over ranks and micro-batches."""
+    n_params = sum(p.numel() for p in gap.parameters())
+    n_train = sum(p.numel() for p in gap.parameters() if p.requires_grad)
+    return (f"params {n_params / 1e6:.2f}M ({n_train / 1e6:.2f}M trained) | records {len(records)} "
+            f"({sum(records.strip)} stripped by tau={cfg.tau}) | {world} rank(s) x {accum} accumulation x "
+            f"micro-batch {cfg.micro_batch} = {cfg.global_batch} | {total} steps | {device}")
+
+
+def save_or_stop(gap, opt, cfg, step, total, rank, world, device):
+    """Checkpoints inside the run: every --save-every steps, and before an early stop (--stop-after: -> True)."""
+    if cfg.save_every and step % cfg.save_every == 0 and step < total:
+        save_checkpoint(gap, opt, cfg, step, rank, world, device)
+    if cfg.stop_after and step >= cfg.stop_after and step < total:
+        save_checkpoint(gap, opt, cfg, step, rank, world, device)
+        print0(f"stopped after step {step} (--stop-after); continue with --resume", rank=rank)
+        return True
+    return False
+
+
 def main(cfg):
+    # ---- setup: processes, records, batch geometry, model and optimizer, resume ----
     prepare.check_options(cfg)
     owned = not dist.is_initialized()
     rank, world, device = dist_init(cfg)
     torch.manual_seed(cfg.seed)
     records = Records(cfg.data, cfg.tau)
     check_inputs(cfg)
-    per_rank = cfg.global_batch // world
-    if cfg.global_batch % world or per_rank % cfg.micro_batch:
-        raise prepare.DataError(f"--global-batch {cfg.global_batch} must split into {world} ranks x micro-batches of "
-                         f"{cfg.micro_batch}")
-    accum = per_rank // cfg.micro_batch
-    steps_per_epoch = len(records) // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise prepare.DataError(f"{cfg.data}: {len(records)} records < --global-batch {cfg.global_batch}")
-    total = steps_per_epoch * cfg.epochs
+    accum, total = step_geometry(cfg, records, world)
     gap, wrapped, opt, basis = build(cfg, records, device, world)
-    n_params = sum(p.numel() for p in gap.parameters())
-    n_train = sum(p.numel() for p in gap.parameters() if p.requires_grad)
-    print0(f"params {n_params / 1e6:.2f}M ({n_train / 1e6:.2f}M trained) | records {len(records)} "
-           f"({sum(records.strip)} stripped by tau={cfg.tau}) | {world} rank(s) x {accum} accumulation x "
-           f"micro-batch {cfg.micro_batch} = {cfg.global_batch} | {total} steps | {device}", rank=rank)
+    print0(setup_line(gap, records, cfg, world, accum, total, device), rank=rank)
     step = load_checkpoint(gap, opt, cfg, rank, device) if cfg.resume else 0
     cuda = device.type == "cuda"
     # DDP / one GPU: bf16 autocast over fp32 weights; FSDP2 casts per unit instead (MixedPrecisionPolicy); CPU: fp32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and not cfg.fsdp)
-    peak = peak_flops(device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = None
-    if rank == 0:
-        path = out / "metrics.jsonl"
-        rows = path.read_text().splitlines() if cfg.resume and path.exists() else []
-        rows = [r for r in rows if json.loads(r)["step"] <= step]   # a step logged after the checkpoint runs again
-        path.write_text("".join(r + "\n" for r in rows))
-        metrics = open(path, "a")
-    data = MicroBatches(records, cfg, gap.vlm.cfg, rank, world)
-    batches = iter(loader(data, step, cfg, pin=cuda))
+    metrics = open_metrics(out, step, cfg.resume) if rank == 0 else None
+    batches = iter(loader(MicroBatches(records, cfg, gap.vlm.cfg, rank, world), step, cfg, pin=cuda))
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+
     # ---- training loop: one iteration is one optimizer step over `accum` micro-batches on each of `world` ranks ----
     while step < total:
         t0 = time.time()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        # the step's global counts come from the plan on the host (every rank computes the same): each micro-batch's
-        # sum is divided by the same numbers, with no collective before the first forward
-        plan = step_plan(records, cfg, step, world)
-        every = [i for micro in plan for idx in micro for i in idx]
-        n_tok, n_lat = int(records.n_sup[every].sum()), int(records.n_lat[every].sum())
-        n_spans = n_lat / records.n_latents   # L_REPA is a mean over spans (each the mean over its patches)
+        plan, every, *counts = step_counts(records, cfg, step, world)
         for g in opt.param_groups:   # warmup then cosine, the same factor for the backbone and the head group
             g["lr"] = g["base_lr"] * lr_factor(step, total, cfg.warmup_ratio)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)            # lm, latent, valr loss sums (fp64: exact)
-        bad = torch.zeros(world, accum, dtype=torch.float64, device=device)   # non-finite flags, one per micro-batch
-        for j in range(accum):
-            b = next(batches)
-            b = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-            # DDP all-reduces gradients inside backward(): skip it on every micro-batch but the last (FSDP2 and one
-            # process have no no_sync; FSDP2 reduce-scatters per backward, which accumulation needs anyway)
-            sync = j == accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
-            ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()   # all-reduce on the last only
-            with ctx, autocast:
-                lm_sum, lat_sum, valr_sum = wrapped(b, records.pad_id, cfg.scheduled_sampling)
-                # divide the sums by the step's global counts, not per micro-batch: with masked SFT and accumulation a
-                # mean of micro-batch means over-weights short responses. Gradients are then summed over ranks.
-                loss = lm_sum / max(n_tok, 1) + cfg.lambda_latent * lat_sum / max(n_lat, 1) \
-                    + cfg.repa_weight * valr_sum / max(n_spans, 1)
-                loss.backward()
-            part = torch.stack([lm_sum.detach(), lat_sum.detach(), valr_sum.detach()]).double()
-            sums += part
-            # on the device: no host sync per micro-batch
-            bad[rank, j] = (~torch.isfinite(torch.cat([part, loss.detach()[None].double()])).all()).double()
-        # one collective and one host sync per step: the loss sums and every rank's non-finite flags
-        flat = all_sum(torch.cat([sums, bad.flatten()]), world).tolist()
-        flags = np.asarray(flat[3:]).reshape(world, accum)
-        if flags.any():   # every rank sees the same flags, so every rank stops here, before the optimizer step
-            r, j = (int(x) for x in np.argwhere(flags)[0])
-            raise NonFiniteLoss(
-                f"non-finite loss at step {step} (rank {r}, micro-batch {j}), batch ids "
-                f"{[records.ids[i] for i in plan[j][r]]}: lm {flat[0]} latent {flat[1]}; the last good checkpoint "
-                f"is in {out}/checkpoints (train.py --resume continues from it)")
+        sums = forward_backward(wrapped, batches, records, cfg, plan, counts, step, accum, rank, world, device,
+                                autocast)
         # clip on the global gradient norm (DDP: identical on every rank after the all-reduce; FSDP2: DTensor gradients,
         # so the norm is taken over all shards)
-        gnorm = nn.utils.clip_grad_norm_(gap.parameters(), cfg.grad_clip)
+        gnorm = float(nn.utils.clip_grad_norm_(gap.parameters(), cfg.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        # ---- logging: one metrics row per step (rank 0), a log line every --log-every steps ----
-        lm, lat, valr = flat[0] / max(n_tok, 1), flat[1] / max(n_lat, 1), flat[2] / max(n_spans, 1)
-        dt = time.time() - t0
-        tok_s = float(records.length[every].sum()) / dt
-        # MFU = model FLOPs of the step (all ranks) / (seconds x peak FLOP/s x ranks); see train_flops
-        mfu = train_flops(gap.vlm.cfg.text, records.length[every], n_tok) / (dt * peak * world) if peak else None
-        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
-        row = dict(step=step, lm_loss=lm, latent_loss=lat, valr_loss=valr, lr=opt.param_groups[0]["lr"],
-                   grad_norm=float(gnorm), tokens_per_s=tok_s, mfu=mfu, peak_mem_gib=mem, n_latents=n_lat)
-        if rank == 0:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            if step % cfg.log_every == 0 or step == total:
-                eta = (total - step) * dt
-                bar.write(f"step {step}/{total} | lm {lm:.4f} | latent {lat:.4f}" + (f" | valr {valr:.4f}" if
-                          cfg.repa_layer >= 0 else "") + f" | lr {row['lr']:.2e} | {tok_s:.0f} tok/s" +
-                          (f" | mfu {mfu:.1%}" if mfu else "") + (f" | peak {mem:.1f} GiB" if cuda else "") +
-                          f" | eta {eta:.0f}s")
+        log_step(metrics, bar, cfg, gap, records, step, total, sums, counts, every, gnorm, opt.param_groups[0]["lr"],
+                 time.time() - t0, world, device)
         bar.update(1)
-        # ---- checkpoints: every --save-every steps, and before an early stop (--stop-after) ----
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save_checkpoint(gap, opt, cfg, step, rank, world, device)
-        if cfg.stop_after and step >= cfg.stop_after and step < total:
-            save_checkpoint(gap, opt, cfg, step, rank, world, device)
-            print0(f"stopped after step {step} (--stop-after); continue with --resume", rank=rank)
+        if save_or_stop(gap, opt, cfg, step, total, rank, world, device):
             break
     else:   # the loop ran to the end: a final checkpoint (unless this step has one), then the loadable export
         if latest_checkpoint(cfg.out) is None or latest_checkpoint(cfg.out)[0] != step:
             save_checkpoint(gap, opt, cfg, step, rank, world, device)
         export(gap, cfg, records, basis, rank, device)
         print0(f"wrote {out} (model, tokenizer, latent head, PCA basis, gap.json)", rank=rank)
+
+    # ---- teardown ----
     bar.close()
     del batches   # stops the DataLoader's workers
     if metrics:
