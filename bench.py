@@ -249,7 +249,8 @@ def hf_generate(hf, ids, pv, grid, n, cfg, clk, bias, static=False):
 
 
 @torch.no_grad()
-def main(opts: Options):
+def setup(opts):
+    """Options that cannot work together are refused before anything is built. -> (device, dtype)."""
     prepare.check_options(opts)
     device = prepare.resolve_device(opts.device)
     if opts.config in ("3b", "7b") and device.type != "cuda":
@@ -264,120 +265,65 @@ def main(opts: Options):
         torch.set_num_threads(opts.threads)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
-    cfg, n, clk = model.PRESETS[opts.config], opts.decode_steps, Clock(device, opts.cpu_time)
-    torch.manual_seed(opts.seed)
-    m = build_ours(cfg, dtype, device, opts.seed)
-    ids, pv, grid, n_img = make_inputs(cfg, opts, device)
-    B, T = ids.shape
+    return device, dtype
+
+
+def random_head(cfg, device, seed):
+    """GAP's PCA head on a random basis with k ~18% of d, like k at 95% variance for 7B (629 / 3584)."""
     from latent_head import PCAHead
-    k = max(1, round(0.18 * cfg.text.hidden_size))    # ~18% of d, like k at 95% variance for 7B (629 / 3584)
-    basis = random_basis(cfg.text.hidden_size, k, opts.seed).to(device)
-    head = PCAHead(basis, cfg.text.hidden_size).to(device).eval()
-    bundle = bench_bundle(m, head, basis)
-    bias = sample.logit_bias(bundle, "zero", device)
-    eager, compiled = sample.get_trunk(bundle, False), sample.get_trunk(bundle, True) if opts.compile else None
-    prompts = [(ids[0].tolist(), pv[:len(pv) // B].cpu(), grid[:1].cpu())] * B   # encode_prompts' output, B rows
-    n_params = sum(p.numel() for p in m.parameters())
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    print(f"config {opts.config}: {n_params / 1e6:.1f}M params, {dtype}, {dev_name}; batch {B}, prompt {T} tokens "
-          f"({n_img} image + {opts.prompt_len} text), {n} new tokens, median of {opts.iters} "
-          f"({'process CPU' if opts.cpu_time else 'wall'} time)")
-    res = {"config": opts.config, "dtype": str(dtype), "batch": B, "prompt_tokens": T, "image_tokens": n_img}
+    k = max(1, round(0.18 * cfg.text.hidden_size))
+    basis = random_basis(cfg.text.hidden_size, k, seed).to(device)
+    return PCAHead(basis, cfg.text.hidden_size).to(device).eval(), basis
 
-    def ours_fwd():
-        t0 = clk()
-        m(ids, pixel_values=pv, image_grid_thw=grid)
-        return clk() - t0
 
-    def ours_e2e(trunk):
-        t0 = clk()
-        sample.generate(bundle, None, None, prompts=prompts, mode="zero", max_new_tokens=n, compile=trunk.compiled)
-        return clk() - t0
+def load_hf(m, dtype, device):
+    """transformers' Qwen2_5_VLForConditionalGeneration on m's exact weights (through the hub layout on disk)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(m, tmp)
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
+    return hf.to(device).eval()
 
-    # every measurement: (row names, who, callable returning seconds per row)
-    tasks = [(("forward",), "ours", lambda: (ours_fwd(),)),
-             (("prefill", "decode"), "ours", lambda: ours_generate(bundle, ids, pv, grid, n, clk, eager)[:2]),
-             ((None, "latent step"), "ours", lambda: ours_generate(bundle, ids, pv, grid, n, clk, eager, True)[:2]),
-             (("generate",), "ours", lambda: (ours_e2e(eager),))]
-    if compiled:
-        # CUDA graphs: the compiled runs keep one set of cache buffers (setup_cache reuses a same-shaped set)
-        tasks += [((None, "decode (compiled)"), "ours",
-                   lambda: ours_generate(bundle, ids, pv, grid, n, clk, compiled)[:2]),
-                  ((None, "latent (compiled)"), "ours",
-                   lambda: ours_generate(bundle, ids, pv, grid, n, clk, compiled, True)[:2]),
-                  (("generate (compiled)",), "ours", lambda: (ours_e2e(compiled),))]
-    if opts.hf:
-        from transformers import Qwen2_5_VLForConditionalGeneration
-        from transformers.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(m, tmp)
-            hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
-        hf = hf.to(device).eval()
-        kw = dict(input_ids=ids, pixel_values=pv, image_grid_thw=grid,
-                  mm_token_type_ids=(ids == cfg.image_token_id).long())    # HF only uses M-RoPE when given these
 
-        def hf_fwd():
-            hf.model.rope_deltas = None
-            t0 = clk()
-            hf(**kw, use_cache=False)
-            return clk() - t0
-
-        gen = lambda static=False: hf_generate(hf, ids, pv, grid, n, cfg, clk, bias, static)
-        tasks += [(("forward",), "hf", lambda: (hf_fwd(),)),
-                  (("prefill", "decode", None, "generate"), "hf", gen)]
-        if compiled:
-            try:
-                gen(static=True)                     # transformers' own warm-up and compilation, untimed
-                tasks.append(((None, "decode (compiled)", None, "generate (compiled)"), "hf", lambda: gen(True)))
-            except Exception as e:                   # a model transformers cannot give a static cache
-                print(f"HF static-cache generate unavailable: {type(e).__name__}: {str(e).splitlines()[0]}")
-                res["hf_static_error"] = str(e).splitlines()[0]
-
-    # untimed warm-up (and compilation), then ours and HF interleaved, the order reversed every other round, so a
-    # neighbour's load drifting over minutes hits both sides alike instead of whichever happened to run second
+def time_tasks(tasks, iters):
+    """Untimed warm-up (and compilation), then ours and HF interleaved, the order reversed every other round, so a
+    neighbour's load drifting over minutes hits both sides alike instead of whichever happened to run second.
+    tasks: (row names, who, callable returning seconds per row). -> {who: {row: [seconds per round]}}"""
     times = {"ours": {}, "hf": {}}
     for _, _, fn in tasks:
         fn()
-    for i in range(opts.iters):
+    for i in range(iters):
         for names, who, fn in tasks if i % 2 == 0 else tasks[::-1]:
             for name, t in zip(names, fn()):
                 if name:
                     times[who].setdefault(name, []).append(t)
-    rows_ours, rows_hf = times["ours"], times["hf"]
     for ours_row, hf_row in (("latent step", "decode"), ("latent (compiled)", "decode (compiled)")):
-        if ours_row in rows_ours and hf_row in rows_hf:
-            rows_hf[ours_row] = rows_hf[hf_row]     # HF has no latent step: its text step is the yardstick
-    if opts.hf:   # sanity: the two models really compute the same function on the same inputs
-        hf.model.rope_deltas = None
-        res["max_logit_diff"] = (m(ids, pv, grid) - hf(**kw, use_cache=False).logits.float()).abs().max().item()
-        ours_toks = ours_generate(bundle, ids, pv, grid, n, clk, eager)[2]
-        res["tokens_match"] = (ours_toks == gen()[2]).float().mean().item()
-        del hf
-    if device.type == "cuda":   # what one generate call holds beyond the weights: the KV cache plus a few buffers
-        m.clear_cache()
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        ours_e2e(compiled or eager)
-        res["generate_peak_gb"] = (torch.cuda.max_memory_allocated(device) - base) / 1e9
-    m.clear_cache()
+        if ours_row in times["ours"] and hf_row in times["hf"]:
+            times["hf"][ours_row] = times["hf"][hf_row]     # HF has no latent step: its text step is the yardstick
+    return times
 
-    # bytes one decode step must read: every trunk weight, lm_head (not the embedding table: one row), and the KV
-    # cache at the mean context length (a latent step also reads the PCA head: it runs lm_head too, see generate)
+
+def step_bytes(m, head, cfg, dtype, B, T, n):
+    """Bytes one decode step must read: every trunk weight, lm_head (not the embedding table: one row), and the KV
+    cache at the mean context length (a latent step also reads the PCA head: it runs lm_head too, see generate).
+    -> ({row: bytes}, KV bytes per token over the batch)."""
     elt = torch.finfo(dtype).bits // 8
     kv_token = 2 * cfg.text.num_hidden_layers * cfg.text.num_key_value_heads * cfg.text.head_dim * elt * B
     trunk = sum(p.numel() for n_, p in m.model.named_parameters() if not n_.startswith("embed_tokens")) * elt
     head_bytes = sum(p.numel() * p.element_size() for p in head.parameters())
     text = trunk + m.lm_head.weight.numel() * elt + kv_token * (T + n / 2)
-    step_bytes = {"decode": text, "decode (compiled)": text, "latent step": text + head_bytes,
-                  "latent (compiled)": text + head_bytes}
-    peak = peak_bandwidth(opts, device)
+    return {"decode": text, "decode (compiled)": text, "latent step": text + head_bytes,
+            "latent (compiled)": text + head_bytes}, kv_token
 
+
+def report(times, res, bytes_per_step, peak, B, T, n):
+    """The table: per row ours and HF median ms, spread, ratio, tokens/s, GB/s and the HBM bound; into res too."""
     print(f"\n{'':20s}{'ours ms':>10s}{'±%':>6s}{'HF ms':>10s}{'±%':>6s}{'HF/ours':>9s}{'ours tok/s':>12s}"
           f"{'HF tok/s':>10s}{'GB/s':>8s}{'bound ms':>10s}{'of bound':>10s}")
-    for name, xs in rows_ours.items():
-        ys = rows_hf.get(name)
+    for name, xs in times["ours"].items():
+        ys = times["hf"].get(name)
         # tokens each timed call consumes (forward, prefill) or produces (a step: one per row; generate: n per row)
         per_call = B * T if name in ("forward", "prefill") else B * n if name.startswith("generate") else B
         o = med(xs)
@@ -390,20 +336,88 @@ def main(opts: Options):
         else:
             line += f"{'-':>10s}{'':6s}{'-':>9s}"
         line += f"{r['ours_tok_s']:12.1f}" + (f"{r['hf_tok_s']:10.1f}" if ys else f"{'-':>10s}")
-        if name in step_bytes:
-            r["gb_s"] = step_bytes[name] / (o / 1e3) / 1e9
+        if name in bytes_per_step:
+            r["gb_s"] = bytes_per_step[name] / (o / 1e3) / 1e9
             line += f"{r['gb_s']:8.1f}"
             if peak:
-                r["bound_ms"] = step_bytes[name] / peak * 1e3
+                r["bound_ms"] = bytes_per_step[name] / peak * 1e3
                 r["of_bound"] = r["bound_ms"] / o                 # 1.0 = at the HBM bound
                 line += f"{r['bound_ms']:10.3f}{100 * r['of_bound']:9.0f}%"
         print(line)
         res[name.replace(" ", "_").replace("(", "").replace(")", "")] = r
-    res["latent_vs_decode"] = med(rows_ours["latent step"]) / med(rows_ours["decode"])
+    res["latent_vs_decode"] = med(times["ours"]["latent step"]) / med(times["ours"]["decode"])
     print(f"latent step / text decode step: {res['latent_vs_decode']:.2f}")
     if "max_logit_diff" in res:
         print(f"same function: max |logits ours - HF| {res['max_logit_diff']:.2e}, greedy tokens equal "
               f"{100 * res['tokens_match']:.0f}%")
+
+
+def our_tasks(bundle, ids, pv, grid, n, clk, eager, compiled):
+    """Our rows: a forward, prefill + decode step, latent step, end-to-end generate (and the compiled step's rows).
+    -> (tasks, the timed generate call)."""
+    m, B = bundle.model, ids.shape[0]
+    prompts = [(ids[0].tolist(), pv[:len(pv) // B].cpu(), grid[:1].cpu())] * B   # encode_prompts' output, B rows
+
+    def ours_fwd():
+        t0 = clk()
+        m(ids, pixel_values=pv, image_grid_thw=grid)
+        return clk() - t0
+
+    def ours_e2e(trunk):
+        t0 = clk()
+        sample.generate(bundle, None, None, prompts=prompts, mode="zero", max_new_tokens=n, compile=trunk.compiled)
+        return clk() - t0
+
+    steps = lambda trunk, latent=False: ours_generate(bundle, ids, pv, grid, n, clk, trunk, latent)[:2]
+    tasks = [(("forward",), "ours", lambda: (ours_fwd(),)), (("prefill", "decode"), "ours", lambda: steps(eager)),
+             ((None, "latent step"), "ours", lambda: steps(eager, True)),
+             (("generate",), "ours", lambda: (ours_e2e(eager),))]
+    if compiled:
+        # CUDA graphs: the compiled runs keep one set of cache buffers (setup_cache reuses a same-shaped set)
+        tasks += [((None, "decode (compiled)"), "ours", lambda: steps(compiled)),
+                  ((None, "latent (compiled)"), "ours", lambda: steps(compiled, True)),
+                  (("generate (compiled)",), "ours", lambda: (ours_e2e(compiled),))]
+    return tasks, ours_e2e
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+
+
+def main(opts: Options):
+    # ---- setup: a random model of the preset's shapes, one image + text prompt, GAP's head ----
+    device, dtype = setup(opts)
+    cfg, n, clk = model.PRESETS[opts.config], opts.decode_steps, Clock(device, opts.cpu_time)
+    torch.manual_seed(opts.seed)
+    m = build_ours(cfg, dtype, device, opts.seed)
+    ids, pv, grid, n_img = make_inputs(cfg, opts, device)
+    B, T = ids.shape
+    head, basis = random_head(cfg, device, opts.seed)
+    bundle = bench_bundle(m, head, basis)
+    eager, compiled = sample.get_trunk(bundle, False), sample.get_trunk(bundle, True) if opts.compile else None
+    print(f"config {opts.config}: {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M params, {dtype}, "
+          f"{device_name(device)}; batch {B}, prompt {T} tokens ({n_img} image + {opts.prompt_len} text), {n} new tokens, median of "
+          f"{opts.iters} ({'process CPU' if opts.cpu_time else 'wall'} time)")
+    res = {"config": opts.config, "dtype": str(dtype), "batch": B, "prompt_tokens": T, "image_tokens": n_img}
+
+    # ---- what is timed: (row names, who, callable returning seconds per row) ----
+    tasks, ours_e2e = our_tasks(bundle, ids, pv, grid, n, clk, eager, compiled)
+    if opts.hf:
+        hf = load_hf(m, dtype, device)
+        tasks += hf_tasks(hf, cfg, ids, pv, grid, n, clk, sample.logit_bias(bundle, "zero", device), compiled, res)
+
+    # ---- timing, then checks that both sides computed the same thing, and the memory of one generate call ----
+    times = time_tasks(tasks, opts.iters)
+    if opts.hf:
+        same_function(m, hf, bundle, cfg, ids, pv, grid, n, clk, eager, res)
+        del hf
+    if device.type == "cuda":
+        res["generate_peak_gb"] = generate_memory(m, device, lambda: ours_e2e(compiled or eager))
+    m.clear_cache()
+
+    # ---- the table ----
+    bytes_per_step, kv_token = step_bytes(m, head, cfg, dtype, B, T, n)
+    report(times, res, bytes_per_step, peak_bandwidth(opts, device), B, T, n)
     if "generate_peak_gb" in res:
         res["kv_cache_gb"] = kv_token * sample.kv_bucket(T + n) / 1e9
         print(f"generate (batch {B}): peak {res['generate_peak_gb']:.2f} GB above the weights, of which KV cache "
@@ -412,6 +426,54 @@ def main(opts: Options):
           "setup_cache + prefill; HF: generate() to its first token) | decode/latent: per step | generate: tokens/s "
           "over the batch, prefill included | ±%: half min-max range")
     return res
+
+
+def hf_kwargs(cfg, ids, pv, grid):
+    # HF only uses M-RoPE when given mm_token_type_ids
+    return dict(input_ids=ids, pixel_values=pv, image_grid_thw=grid,
+                mm_token_type_ids=(ids == cfg.image_token_id).long())
+
+
+def hf_tasks(hf, cfg, ids, pv, grid, n, clk, bias, compiled, res):
+    """transformers' rows: a forward, and generate (eager; with --compile also its static cache, warmed up here)."""
+    kw = hf_kwargs(cfg, ids, pv, grid)
+
+    def hf_fwd():
+        hf.model.rope_deltas = None
+        t0 = clk()
+        hf(**kw, use_cache=False)
+        return clk() - t0
+
+    gen = lambda static=False: hf_generate(hf, ids, pv, grid, n, cfg, clk, bias, static)
+    tasks = [(("forward",), "hf", lambda: (hf_fwd(),)), (("prefill", "decode", None, "generate"), "hf", gen)]
+    if compiled:
+        try:
+            gen(static=True)                     # transformers' own warm-up and compilation, untimed
+            tasks.append(((None, "decode (compiled)", None, "generate (compiled)"), "hf", lambda: gen(True)))
+        except Exception as e:                   # a model transformers cannot give a static cache
+            print(f"HF static-cache generate unavailable: {type(e).__name__}: {str(e).splitlines()[0]}")
+            res["hf_static_error"] = str(e).splitlines()[0]
+    return tasks
+
+
+def same_function(m, hf, bundle, cfg, ids, pv, grid, n, clk, eager, res):
+    """Sanity: the two models really compute the same function on the same inputs (logits, greedy tokens)."""
+    hf.model.rope_deltas = None
+    res["max_logit_diff"] = (m(ids, pv, grid) - hf(**hf_kwargs(cfg, ids, pv, grid), use_cache=False).logits.float()
+                             ).abs().max().item()
+    ours_toks = ours_generate(bundle, ids, pv, grid, n, clk, eager)[2]
+    hf_toks = hf_generate(hf, ids, pv, grid, n, cfg, clk, sample.logit_bias(bundle, "zero", m.lm_head.weight.device))[2]
+    res["tokens_match"] = (ours_toks == hf_toks).float().mean().item()
+
+
+def generate_memory(m, device, run):
+    """What one generate call holds beyond the weights (CUDA): the KV cache plus a few buffers, in GB."""
+    m.clear_cache()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    return (torch.cuda.max_memory_allocated(device) - base) / 1e9
 
 
 # ---- the training step (--train) ----
@@ -495,7 +557,22 @@ def release(cuda):
         torch.cuda.empty_cache()
 
 
+def time_step(step, iters, device, clk):
+    """One warm-up (and compilation) call, then `iters` timed ones. -> (seconds per call, peak GiB on CUDA)."""
+    cuda = device.type == "cuda"
+    step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        t0 = clk()
+        step()
+        times.append(clk() - t0)
+    return times, torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+
+
 def train_main(opts):
+    # ---- setup: the preset cut to --layers, one micro-batch laid out as train.collate does ----
     import train
     prepare.check_options(opts)
     device = prepare.resolve_device(opts.device)
@@ -513,23 +590,12 @@ def train_main(opts):
     n_sup = batch["sup_pos"].numel()
     flops = train.train_flops(cfg.text, [T] * B, n_sup)
     peak = train.peak_flops(device)
-    dev_name = torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}"
-    print(f"train step, config {opts.config} with {cfg.text.num_hidden_layers} layers, {dev_name}: micro-batch {B} "
-          f"x {T} tokens ({n_sup} supervised), median of {opts.iters} "
+    print(f"train step, config {opts.config} with {cfg.text.num_hidden_layers} layers, {device_name(device)}: "
+          f"micro-batch {B} x {T} tokens ({n_sup} supervised), median of {opts.iters} "
           f"({'process CPU' if opts.cpu_time else 'wall'} time)")
 
-    def run(step):
-        step()                                   # warm-up (and compilation)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(opts.iters):
-            t0 = clk()
-            step()
-            times.append(clk() - t0)
-        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
-        return times, mem
-
+    # ---- timing: train.py's step per variant (CUDA: eager / activation checkpointing / compiled), then HF's ----
+    run = lambda step: time_step(step, opts.iters, device, clk)
     res, rows = {"config": opts.config, "layers": cfg.text.num_hidden_layers, "tokens": B * T}, {}
     variants = [("ours", (False, False))] if not cuda else \
         [("eager", (False, False)), ("eager + AC", (True, False))] + \
@@ -544,6 +610,8 @@ def train_main(opts):
         step = hf_trainer(m, cfg, opts, device)
         del m
         rows["transformers"] = run(step)
+
+    # ---- the table (and, on CUDA, the full-depth model extrapolated from two depths) ----
     print(f"\n{'':16s}{'ms':>10s}{'±%':>6s}{'tok/s':>10s}{'MFU':>8s}{'peak GiB':>10s}")
     for name, (times, mem) in rows.items():
         ms = med(times)
