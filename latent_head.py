@@ -10,13 +10,15 @@ and VaLR's middle-layer alignment to vision encoders (REPA). Nothing here runs o
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --model CKPT             # the real run
     .venv/bin/python -m pytest -q tests/test_latent_head.py
 
-Precision policy (one place): PCA statistics are accumulated in float64; everything a head computes -- the
-coefficients, the reconstruction, losses, norms -- runs in float32 whatever the input dtype (h̄ is bf16 in training)
-and even under autocast. Outputs are float32; the caller casts v̂ to the trunk's dtype when it feeds it back. Why:
+Precision policy: PCA statistics are accumulated in float64; everything a head computes -- the coefficients, the
+reconstruction, losses, norms -- runs in float32 whatever the input dtype (h̄ is bf16 in training) and even under
+autocast (the @fp32 decorator below, the one place that enforces it for the heads). Outputs are float32; the caller
+casts v̂ to the trunk's dtype when it feeds it back. Why:
 v̂ = P_k c + mu adds small learned corrections to a mean of norm ~tens, and bf16's 8-bit mantissa alone would cost
 ~0.4% of that norm, the same order as the PCA truncation error we are trying to learn below. Keep the head modules
 themselves in fp32 (train.py casts only the trunk): a bf16 copy of P_k would already have lost those bits.
 """
+import functools
 import os
 from pathlib import Path
 
@@ -26,13 +28,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import model
 from model import DataError   # a bad file is the user's input: one line, not a traceback
 
 # ---- PCA basis -------------------------------------------------------------------------------------------------------
 
 
-def _k_for(lam, variance):
-    # smallest k with sum(lam[:k]) / sum(lam) >= variance; lam descending, float64
+def k_for(lam, variance):
+    """Eq. 7: the smallest k whose cumulative explained variance sum(lam[:k]) / sum(lam) reaches `variance`
+    (0.95 -> 629 of 3584 for the paper's 7B); lam descending."""
     if not 0.0 < variance <= 1.0:
         raise ValueError(f"explained variance must be in (0, 1], found {variance}")
     lam = lam.double().cpu()
@@ -55,10 +59,6 @@ class PCABasis(nn.Module):
         # float64 so that k_for() picks the same k as the fit did (the 95% boundary can sit within fp32 rounding)
         self.register_buffer("eigenvalues", eigenvalues.double().contiguous())
         self.d, self.k, self.threshold = d, k, float(threshold)
-
-    def k_for(self, variance):
-        """Smallest k whose cumulative explained variance reaches `variance` (e.g. 0.95 -> 629 of 3584 for 7B)."""
-        return _k_for(self.eigenvalues, variance)
 
     def relmse(self, k=None):
         """Eq. 7: RelMSE(k) = 1 - sum_{i<=k} lambda_i / sum_i lambda_i, the relative error of the k-truncation."""
@@ -139,31 +139,28 @@ class PCAFitter:
         # eigh's sign per vector is arbitrary: make the largest-|.| entry positive so fits are reproducible
         idx = V.abs().argmax(0)
         V = V * torch.sign(V[idx, torch.arange(self.dim, device=V.device)])
-        k = _k_for(lam, threshold)  # Eq. 7: keeps RelMSE(k) <= 1 - threshold
+        k = k_for(lam, threshold)  # Eq. 7: keeps RelMSE(k) <= 1 - threshold
         return PCABasis(V[:, :k].cpu(), (self.shift + m).cpu(), lam.cpu(), threshold)
 
 
 # ---- heads -----------------------------------------------------------------------------------------------------------
 
 
-def _linear32(x, layer):
-    # fp32 even if the module was cast to bf16; callers also switch autocast off (see the precision policy above)
-    return F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+def fp32(forward):
+    """The heads' precision policy in one place: forward runs with autocast off, on an fp32 copy of its input, so
+    with the fp32 parameters every head keeps (train.py casts only the trunk, FSDP2 gives the heads an fp32 policy,
+    sample.py loads them as fp32) the output is fp32 whether h̄ arrives in bf16 or under bf16 autocast."""
+    @functools.wraps(forward)
+    def run(self, h):
+        with torch.autocast(h.device.type, enabled=False):
+            return forward(self, h.float())
+    return run
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), Qwen's MLP shape, bias-free; zero_out=True zero-inits down so it starts at 0."""
-
-    def __init__(self, d_in, hidden, d_out, zero_out=True):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_in, hidden, bias=False)
-        self.up_proj = nn.Linear(d_in, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_out, bias=False)
-        if zero_out:
-            nn.init.zeros_(self.down_proj.weight)  # like LoRA's B = 0: gate/up get gradients from step 2 on
-
-    def forward(self, x):
-        return _linear32(F.silu(_linear32(x, self.gate_proj)) * _linear32(x, self.up_proj), self.down_proj)
+def zero_init_output(mlp):
+    # like LoRA's B = 0: the MLP's output starts at exactly 0; gate/up get gradients from the second step on
+    nn.init.zeros_(mlp.down_proj.weight)
+    return mlp
 
 
 class PCAHead(nn.Module):
@@ -190,18 +187,16 @@ class PCAHead(nn.Module):
         with torch.no_grad():
             self.projector.weight.copy_(self.P_k.T)
             self.projector.bias.copy_(-(self.P_k.T @ self.mu))
-        self.adapter = SwiGLU(d_model, self.hidden, self.k, zero_out=True)
+        self.adapter = zero_init_output(model.SwiGLU(d_model, self.hidden, bias=False, out=self.k))
 
+    @fp32
     def coeffs(self, h):
         """c_t (..., k) in fp32 (Eq. 1)."""
-        with torch.autocast(h.device.type, enabled=False):
-            h = h.float()
-            return _linear32(h, self.projector) + self.adapter(h)
+        return self.projector(h) + self.adapter(h)
 
+    @fp32
     def forward(self, h):
-        c_t = self.coeffs(h)
-        with torch.autocast(h.device.type, enabled=False):
-            return c_t @ self.P_k.float().T + self.mu.float()  # Eq. 1: v̂_t = P_k c_t + mu
+        return self.coeffs(h) @ self.P_k.T + self.mu  # Eq. 1: v̂_t = P_k c_t + mu
 
 
 class FullHead(nn.Module):
@@ -217,12 +212,13 @@ class FullHead(nn.Module):
     def __init__(self, d_model, hidden=None, residual=True):
         super().__init__()
         self.d_model, self.hidden, self.residual = d_model, hidden or max(d_model // 4, 1), bool(residual)
-        self.mlp = SwiGLU(d_model, self.hidden, d_model, zero_out=self.residual)
+        self.mlp = model.SwiGLU(d_model, self.hidden, bias=False)
+        if self.residual:
+            zero_init_output(self.mlp)
 
+    @fp32
     def forward(self, h):
-        with torch.autocast(h.device.type, enabled=False):
-            h = h.float()
-            return h + self.mlp(h) if self.residual else self.mlp(h)
+        return h + self.mlp(h) if self.residual else self.mlp(h)
 
 
 class RawFeedback(nn.Module):
@@ -230,18 +226,24 @@ class RawFeedback(nn.Module):
 
     kind = "raw"
 
+    @fp32
     def forward(self, h):
-        return h.float()
+        return h
 
 
 class EMANorm:
-    """EMA norm calibration (inference-only baseline): rescale each fed-back latent to the running mean L2 norm of
-    the query image's vision embeddings, fixing the norm mismatch between h̄ and vision tokens without training.
+    """EMA norm calibration (the paper's training-free baseline): rescale each fed-back latent to a running mean L2
+    norm that starts in the vision-embedding regime, fixing the norm mismatch between h̄ and the vision inputs (at 7B
+    the final hidden state is ~8.7x a vision embedding's norm, and raw output-as-input feeds it back unchanged).
 
-    update(v) folds in each vector's norm in order: m <- decay * m + (1 - decay) * ||v_i|| (the first vector
-    initialises m, so no bias correction is needed). decay=0.99 averages over the last ~1/(1-0.99) = 100
-    embeddings, i.e. a few image rows (a 448x448 image gives 256). seed(v) sets m to the plain mean norm of a batch
-    (sample.py seeds one EMANorm per row with that row's image features). The state stays a tensor: no host sync.
+    One running mean m per row, a (B, 1) fp32 tensor (no host sync to read or update it):
+      seed(x, is_image)  m = the mean norm of the row's query-image embeddings (the merger outputs as placed in the
+                         sequence), computed once after prefill
+      __call__(v)        v * m / ||v||: direction kept, norm set to m
+      update(v, rows)    token by token, for the rows that fed a latent at this step: m <- decay m + (1 - decay) ||v||
+    sample.py feeds the rescaled latent and folds that same vector back in, so m stays the image's norm up to
+    rounding; the update is what a caller that feeds anything else (an unscaled latent, a second image) relies on.
+    decay 0.99 averages over the last ~1 / (1 - 0.99) = 100 tokens.
     """
 
     def __init__(self, decay=0.99, eps=1e-6):
@@ -250,24 +252,23 @@ class EMANorm:
         self.decay, self.eps, self.mean = decay, eps, None
 
     @torch.no_grad()
-    def seed(self, v):
-        self.mean = v.float().norm(dim=-1).mean()
+    def seed(self, x, is_image, repeat=1):
+        """x (B, T, D) input embeddings, is_image (B, T) bool -> m (B * repeat, 1); each row's mean is repeated
+        `repeat` times (sample.generate's n_samples rows per prompt)."""
+        norms = x.float().norm(dim=-1) * is_image                               # (B, T), 0 off the image
+        mean = norms.sum(1) / is_image.sum(1).clamp(min=1)                      # (B,)
+        self.mean = mean.repeat_interleave(repeat)[:, None]                     # (B * repeat, 1)
+        return self
 
     @torch.no_grad()
-    def update(self, v):
-        norms = v.float().norm(dim=-1).reshape(-1)  # (n,) in order
-        if norms.numel() == 0:
-            return
-        if self.mean is None:
-            self.mean, norms = norms[0], norms[1:]
-        n = norms.numel()
-        # the n sequential EMA steps in closed form: m_n = decay^n m_0 + (1-decay) sum_i decay^(n-1-i) x_i
-        w = (1 - self.decay) * self.decay ** torch.arange(n - 1, -1, -1, device=norms.device, dtype=torch.float64)
-        self.mean = (self.decay ** n * self.mean.double() + (w * norms.double()).sum()).float()
+    def update(self, v, rows):
+        """Fold in the vectors v (B, D) the rows marked by rows (B,) bool fed at this step."""
+        new = self.decay * self.mean + (1 - self.decay) * v.float().norm(dim=-1, keepdim=True)   # (B, 1)
+        self.mean = torch.where(rows[:, None], new, self.mean)
 
     def __call__(self, v):
         if self.mean is None:
-            raise RuntimeError("EMANorm: seed() or update() with vision embeddings before rescaling")
+            raise RuntimeError("EMANorm: seed() it with the query image's embeddings before rescaling")
         v = v.float()
         return v * (self.mean.to(v.device) / v.norm(dim=-1, keepdim=True).clamp(min=self.eps))
 
@@ -317,9 +318,9 @@ class VaLRProjector(nn.Module):
         self.fc1 = nn.Linear(d_model, self.hidden)
         self.fc2 = nn.Linear(self.hidden, d_target)
 
+    @fp32
     def forward(self, h):
-        with torch.autocast(h.device.type, enabled=False):
-            return _linear32(F.gelu(_linear32(h.float(), self.fc1)), self.fc2)
+        return self.fc2(F.gelu(self.fc1(h)))
 
 
 def valr_loss(pred, target, reduction="mean"):

@@ -273,13 +273,14 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); the vision blocks have biases, the text decoder does not."""
+    """down(silu(gate(x)) * up(x)); the vision blocks have biases, the text decoder (and GAP's latent heads, which
+    reuse it with out = k) do not. out defaults to dim."""
 
-    def __init__(self, dim, hidden, bias):
+    def __init__(self, dim, hidden, bias, out=None):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.down_proj = nn.Linear(hidden, out or dim, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -9,7 +9,8 @@ Latents sit at ordinary sequential text positions for M-RoPE, as in training. Fe
     raw    output-as-input: feed h̄ itself (Coconut-style baseline)
     zero   latent spans suppressed: <|latent_start|> is never sampled
     noise  c ~ N(0, diag(lambda_1..k)) reconstructed through the PCA basis
---ema-norm rescales every fed-back latent to the mean norm of the query image's vision embeddings.
+--ema-norm rescales every fed-back latent to a running mean norm seeded from the query image's vision embeddings
+(latent_head.EMANorm, updated token by token with the latents fed).
 
     python sample.py --model out/gap --image cat.png --question "How many legs?"             # tiny, CPU
     python sample.py --model out/gap-7b --image geo.png --question "..." --mode raw --ema-norm --device cuda
@@ -225,18 +226,9 @@ def feedback(bundle, mode, h, ema, generator):
 
 
 def image_ema(bundle, x, input_ids, n_samples=1):
-    """EMANorm whose mean is the per-row mean norm of that row's query-image embeddings: one EMANorm per row is
-    seeded (latent_head's API), and their tensor means are stacked into a (B, 1) mean that broadcasts over the batch
-    (each prompt's mean repeated n_samples times when its cache rows are)."""
-    is_image = input_ids == bundle.model.cfg.image_token_id
-    means = []
-    for b in range(x.shape[0]):
-        e = latent_head.EMANorm()
-        e.seed(x[b][is_image[b]])                   # (n_img, D) merged ViT embeddings as placed in the sequence
-        means.append(e.mean)
-    ema = latent_head.EMANorm()
-    ema.mean = torch.stack(means).repeat_interleave(n_samples)[:, None]   # (B, 1)
-    return ema
+    """--ema-norm: an EMANorm per row seeded with that row's query-image embedding norm (each prompt's mean repeated
+    n_samples times when its cache rows are)."""
+    return latent_head.EMANorm().seed(x, input_ids == bundle.model.cfg.image_token_id, repeat=n_samples)
 
 
 # The per-row state machine behind every decode step. Each row is in one state; at each position it feeds one input.
@@ -327,8 +319,11 @@ def next_inputs(bundle, mode, state, h, logits, bias, n_latents, temperature, to
     decide every row's next position -> (token (B,), use_latent (B,), valid (B,), v (B, D) fed-back latent, inp (B, D)
     the next input embedding: v for rows in a latent span, the token's embedding for the others)."""
     m = bundle.model
-    v = feedback(bundle, mode, h, ema, gen).to(m.lm_head.weight.dtype)       # (B, D) in the trunk dtype
+    v = feedback(bundle, mode, h, ema, gen)                                  # (B, D) fp32
     tok, use_latent, valid = state.step(bundle, logits, bias, n_latents, temperature, top_p, gen)
+    if ema is not None:
+        ema.update(v, use_latent)                                            # the running mean, token by token
+    v = v.to(m.lm_head.weight.dtype)                                         # fed in the trunk dtype
     inp = torch.where(use_latent[:, None], v, m.model.embed_tokens(tok))     # (B, D)
     return tok, use_latent, valid, v, inp
 

@@ -55,7 +55,8 @@ def test_pca_recovers_known_spectrum():
     torch.testing.assert_close(b.eigenvalues, torch.linalg.eigvalsh(torch.cov(x.T)).flip(0), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(b.mu.double(), mu, rtol=0, atol=1e-4)
     # cumulative ratios 0.503 0.755 0.881 0.943 0.975 ...: 95% needs 5 components, 50% needs 1, 100% all 8
-    assert b.k == 5 and b.k_for(0.95) == 5 and b.k_for(0.5) == 1 and b.k_for(1.0) == 8
+    k_for = lambda variance: lh.k_for(b.eigenvalues, variance)  # noqa: E731
+    assert b.k == 5 and k_for(0.95) == 5 and k_for(0.5) == 1 and k_for(1.0) == 8
     for k in range(0, 9):
         assert b.relmse(k) == pytest.approx(1 - LAM[:k].sum().item() / LAM.sum().item(), abs=1e-12)
     assert b.relmse() == pytest.approx(1 - 15.5 / 15.9, abs=1e-12)
@@ -192,21 +193,27 @@ def test_ema_norm_hand_computed():
     ema = lh.EMANorm(decay=0.5)
     with pytest.raises(RuntimeError, match="seed"):
         ema(torch.ones(3))
-    ema.update(torch.tensor([[2.0, 0.0], [0.0, 4.0]]))  # norms 2, 4: m = 2, then 0.5 * 2 + 0.5 * 4 = 3
-    assert ema.mean.item() == pytest.approx(3.0)
-    ema.update(torch.tensor([[6.0, 8.0]]))  # norm 10: 0.5 * 3 + 0.5 * 10 = 6.5
-    assert ema.mean.item() == pytest.approx(6.5)
+    # two rows of three positions; row 0's image tokens have norms 1 and 3, row 1's the norm 4 (text norms ignored)
+    x = torch.tensor([[[1.0, 0.0], [0.0, 3.0], [9.0, 9.0]], [[7.0, 7.0], [0.0, 4.0], [5.0, 5.0]]])
+    is_image = torch.tensor([[True, True, False], [False, True, False]])
+    ema.seed(x, is_image)
+    torch.testing.assert_close(ema.mean, torch.tensor([[2.0], [4.0]]))
     v = torch.tensor([[3.0, 4.0], [0.0, -1.0]]).bfloat16()
-    out = ema(v)
-    torch.testing.assert_close(out, torch.tensor([[3.9, 5.2], [0.0, -6.5]]))  # norm 6.5, direction kept
-    ema.seed(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))  # plain mean of norms 1, 3
-    assert ema.mean.item() == pytest.approx(2.0)
-    # the closed form equals the step-by-step recurrence on a longer stream
-    x, ema2, m = torch.randn(50, 4), lh.EMANorm(decay=0.9), None
-    ema2.update(x)
-    for r in x.norm(dim=-1).tolist():
-        m = r if m is None else 0.9 * m + 0.1 * r
+    torch.testing.assert_close(ema(v), torch.tensor([[1.2, 1.6], [0.0, -4.0]]))   # norms 2 and 4, direction kept
+    assert ema(v).dtype == torch.float32
+    # token by token, only the rows that fed: row 0 folds in norm 10 -> 0.5 * 2 + 0.5 * 10 = 6; row 1 is untouched
+    ema.update(torch.tensor([[6.0, 8.0], [100.0, 0.0]]), torch.tensor([True, False]))
+    torch.testing.assert_close(ema.mean, torch.tensor([[6.0], [4.0]]))
+    ema.update(torch.tensor([[0.0, 2.0], [0.0, 8.0]]), torch.tensor([True, True]))   # 0.5 * 6 + 1 = 4, 2 + 4 = 6
+    torch.testing.assert_close(ema.mean, torch.tensor([[4.0], [6.0]]))
+    # the same steps as a plain recurrence over a longer stream
+    ema2, m = lh.EMANorm(decay=0.9).seed(x[:1], is_image[:1]), 2.0
+    for r in torch.randn(50, 2):
+        ema2.update(r[None], torch.tensor([True]))
+        m = 0.9 * m + 0.1 * float(r.norm())
     assert ema2.mean.item() == pytest.approx(m, rel=1e-5)
+    # n samples per prompt: each row's mean repeated
+    torch.testing.assert_close(lh.EMANorm().seed(x, is_image, repeat=2).mean, torch.tensor([[2.0], [2.0], [4.0], [4.0]]))
 
 
 def test_valr_loss_and_projector():
@@ -343,7 +350,6 @@ def test_cuda_matches_cpu():
         torch.testing.assert_close(head.cuda()(h).cpu(), head.cpu()(h.cpu()), atol=1e-5, rtol=1e-5)
     v = lh.noise_latents(b, (4,), generator=torch.Generator("cuda").manual_seed(0))
     assert v.device.type == "cuda" and v.shape == (4, 8)
-    ema = lh.EMANorm()
-    ema.update(v)
-    assert ema(h).device.type == "cuda"
+    ema = lh.EMANorm().seed(v[None], torch.ones(1, 4, dtype=torch.bool, device="cuda"))
+    assert ema(h[0, :1]).device.type == "cuda"
     assert lh.latent_loss(v, v).item() == 0.0
