@@ -1,7 +1,18 @@
 """
 Qwen2.5-VL from scratch: vision tower, text decoder with M-RoPE, static KV cache, image preprocessing,
 and loading/saving checkpoints in the Hugging Face safetensors layout. One file, top to bottom:
-configs -> helpers -> vision tower -> text decoder -> the full model -> positions -> images -> checkpoints.
+configs -> helpers -> vision tower -> text decoder -> the full model -> positions -> images -> errors, config.json
+reader, checkpoints.
+
+Data flow for one image and a question (shapes for 7B; D = 3584):
+    image --preprocess_image--> pixel_values (N, 1176): N 14x14 patches, each 3 channels x 2 frames x 14 x 14
+    pixel_values --visual--> image embeddings (N / 4, D):
+        PatchEmbed (a linear map per patch) -> 32 VisionBlocks (2D rotary; attention within 112 px windows,
+        over the whole image in blocks 7, 15, 23, 31) -> PatchMerger (each 2x2 patch group -> one D-vector)
+    input_ids (B, T) --embed--> x (B, T, D): token embeddings, every <|image_pad|> replaced by the next image embedding
+    input_ids --get_position_ids--> M-RoPE positions (3, B, T): (t, row, col) on image tokens, equal on text tokens
+    x --decode: 28 DecoderLayers (GQA attention with M-RoPE, SwiGLU MLP) + final RMSNorm--> h̄ (B, T, D)
+    h̄ --lm_head--> logits (B, T, 152064)
 
     import model
     m = model.load_pretrained("Qwen2.5-VL-7B-Instruct", dtype=torch.bfloat16, device="cuda")
@@ -36,40 +47,6 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- errors ----
-
-
-class DataError(ValueError):
-    """An expected failure caused by an input (a file, a record, an option), not by a bug in gap. The message says
-    where and what: "<file>[ line N][ (id X)]: <field>: <what was expected, what was found>". Every script prints it
-    as one line on stderr and exits 1 (prepare.run_main); anything else is a bug and keeps its traceback."""
-
-
-def data_error(file, field, reason, line=None, rid=None):
-    """-> a DataError with the message laid out as above (line and id when the input has them)."""
-    at = (f" line {line}" if line is not None else "") + (f" (id {rid})" if rid is not None else "")
-    return DataError(f"{file}{at}: {field}: {reason}")
-
-
-def read_json(path):
-    """json.loads of a file, naming the file when it is missing, cut short or not JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise data_error(path, "file", f"expected a JSON file, found {type(e).__name__}: {e}") from None
-
-
-@contextlib.contextmanager
-def open_safetensors(path, device="cpu"):
-    """safe_open that names the file when it is truncated or not safetensors at all (safetensors' own error says
-    only "Error while deserializing header")."""
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            yield f
-    except SafetensorError as e:
-        raise data_error(path, "file", f"expected a safetensors file, found an unreadable one ({e})") from None
 
 # ---------------------------------------------------------------------------------------------------------------
 # ---- configs ----
@@ -124,111 +101,17 @@ class Config:
     bos_token_id: int = 151643           # <|endoftext|>; never prepended
     eos_token_id: int = 151645           # <|im_end|>
 
+    # config.json is read and written by the loading code at the end of this file
     @classmethod
     def from_json(cls, path):
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: cannot read config: {e}") from None
-        return cls.from_dict(d, source=str(path))
+        return read_config(path)
 
     @classmethod
     def from_dict(cls, d, source="config"):
-        """Read a hub-style flat config (text keys at the top, `rope_scaling`, `in_chans`) or a transformers-5
-        nested one (`text_config`, `rope_parameters`). Keys that change the math and that we do not support raise."""
-        top = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
-        # Nested wins over flat, except where it is null: transformers 4.53-4.57 re-save the 7B with
-        # "image_token_id": null (and video/vision ids) inside text_config next to the real ids at the top level.
-        nested = {k: v for k, v in (d.get("text_config") or {}).items() if v is not None}
-        text = {**top, **nested}
-        vision = {k: v for k, v in (d.get("vision_config") or {}).items() if v is not None}
-        t = _read_keys(TextConfig, text, _TEXT_IGNORED, f"{source}: text config", _check_text)
-        v = _read_keys(VisionConfig, vision, _VISION_IGNORED, f"{source}: vision_config", _check_vision)
-        ids = {f.name: text[f.name] for f in fields(cls) if f.name.endswith("_token_id") and f.name in text}
-        if isinstance(ids.get("eos_token_id"), list) and ids["eos_token_id"]:   # several stop ids: the first is
-            ids["eos_token_id"] = ids["eos_token_id"][0]                       # <|im_end|>
-        for k, i in ids.items():
-            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-                raise ValueError(f"{source}: {k}: expected a non-negative integer token id, found {i!r}")
-        tie = {"tie_word_embeddings": bool(text["tie_word_embeddings"])} if "tie_word_embeddings" in text else {}
-        cfg = cls(text=t, vision=v, **ids, **tie)
-        if v.out_hidden_size != t.hidden_size:
-            raise DataError(f"{source}: vision_config.out_hidden_size {v.out_hidden_size} != hidden_size "
-                             f"{t.hidden_size}: the merger must output text-width embeddings")
-        if sum(t.mrope_section) * 2 != t.head_dim:
-            raise DataError(f"{source}: mrope_section {list(t.mrope_section)} must sum to head_dim/2 = "
-                            f"{t.head_dim // 2}")
-        return cfg
+        return config_from_dict(d, source)
 
     def to_dict(self):
-        """Hub-style flat config.json, as the official checkpoints ship it (transformers reads it back)."""
-        t, v = asdict(self.text), asdict(self.vision)
-        d = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl"}
-        d.update({k: t[k] for k in t if k != "mrope_section"})
-        d["rope_scaling"] = {"type": "mrope", "mrope_section": list(self.text.mrope_section)}
-        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("text", "vision")})
-        d["use_sliding_window"] = False
-        v["fullatt_block_indexes"] = list(v["fullatt_block_indexes"])
-        d["vision_config"] = v
-        return d
-
-
-# Keys that do not change the math (generic HF bookkeeping, dropout, inert sliding-window settings): listed once.
-_COMMON_IGNORED = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "initializer_range",
-                   "_name_or_path", "use_cache", "return_dict", "output_hidden_states", "output_attentions",
-                   "pad_token_id", "attention_dropout", "vision_token_id", "sliding_window", "max_window_layers",
-                   "name_or_path", "id2label", "label2id", "problem_type", "tokenizer_class", "spatial_patch_size",
-                   "chunk_size_feed_forward", "is_encoder_decoder", "tie_word_embeddings", "image_token_id",
-                   "video_token_id", "vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id"}
-_TEXT_IGNORED = _COMMON_IGNORED | {"use_sliding_window", "layer_types", "rope_scaling", "rope_parameters", "head_dim"}
-_VISION_IGNORED = _COMMON_IGNORED | {"in_chans", "rope_parameters"}
-
-
-def _read_keys(cls, d, ignored, where, check):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(k for k in d if k not in known and k not in ignored)
-    if unknown:
-        raise DataError(f"{where}: unsupported key(s) {unknown}; gap does not know what they do to the math")
-    kw = {k: d[k] for k in known if k in d}
-    check(d, kw, where)
-    for k in ("mrope_section", "fullatt_block_indexes"):
-        if k in kw:
-            kw[k] = tuple(kw[k])
-    return cls(**kw)
-
-
-def _check_text(d, kw, where):
-    if d.get("hidden_act", "silu") != "silu":
-        raise DataError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-    if d.get("use_sliding_window"):
-        raise DataError(f"{where}: use_sliding_window=true is not supported (Qwen2.5-VL uses full attention)")
-    if any(x != "full_attention" for x in d.get("layer_types") or []):
-        raise DataError(f"{where}: layer_types {set(d['layer_types'])} is not supported (only full_attention)")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "mrope"):
-        raise DataError(f"{where}: rope type {kind!r} is not supported (only mrope)")
-    if "mrope_section" in rope:
-        kw["mrope_section"] = rope["mrope_section"]
-    if "rope_theta" in rope:
-        kw["rope_theta"] = rope["rope_theta"]
-    if rope.get("factor", 1.0) != 1.0:
-        raise DataError(f"{where}: rope scaling factor {rope['factor']} is not supported")
-    if "head_dim" in d and d["head_dim"] != d.get("hidden_size", TextConfig.hidden_size) // d.get(
-            "num_attention_heads", TextConfig.num_attention_heads):
-        raise DataError(f"{where}: head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
-
-
-def _check_vision(d, kw, where):
-    if d.get("hidden_act", "silu") != "silu":
-        raise DataError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-    if "in_chans" in d and "in_channels" not in d:
-        kw["in_channels"] = d["in_chans"]
-    if d.get("spatial_patch_size", d.get("patch_size", 14)) != d.get("patch_size", 14):
-        raise DataError(f"{where}: spatial_patch_size != patch_size is not supported")
-    rope = d.get("rope_parameters") or {}
-    if rope.get("rope_theta", 10000.0) != 10000.0 or rope.get("rope_type", "axial") not in ("axial", "default"):
-        raise DataError(f"{where}: vision rope_parameters {rope} are not supported (2D rotary, theta 10000)")
+        return config_to_dict(self)
 
 
 def _tiny():
@@ -877,6 +760,152 @@ def preprocess_image(image, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MA
     x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, P, P))  # frame duplicated T=2
     pixel_values = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * temporal_patch_size * P * P))
     return pixel_values, torch.tensor([[1, gh, gw]], dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- errors: what a bad input file raises ----
+
+
+class DataError(ValueError):
+    """An expected failure caused by an input (a file, a record, an option), not by a bug in gap. The message says
+    where and what: "<file>[ line N][ (id X)]: <field>: <what was expected, what was found>". Every script prints it
+    as one line on stderr and exits 1 (prepare.run_main); anything else is a bug and keeps its traceback."""
+
+
+def data_error(file, field, reason, line=None, rid=None):
+    """-> a DataError with the message laid out as above (line and id when the input has them)."""
+    at = (f" line {line}" if line is not None else "") + (f" (id {rid})" if rid is not None else "")
+    return DataError(f"{file}{at}: {field}: {reason}")
+
+
+def read_json(path):
+    """json.loads of a file, naming the file when it is missing, cut short or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise data_error(path, "file", f"expected a JSON file, found {type(e).__name__}: {e}") from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path, device="cpu"):
+    """safe_open that names the file when it is truncated or not safetensors at all (safetensors' own error says
+    only "Error while deserializing header")."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            yield f
+    except SafetensorError as e:
+        raise data_error(path, "file", f"expected a safetensors file, found an unreadable one ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ---- reading config.json strictly: a key that changes the math and that we do not support raises ----
+
+
+def read_config(path):
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read config: {e}") from None
+    return config_from_dict(d, source=str(path))
+
+
+def config_from_dict(d, source="config"):
+    """Read a hub-style flat config (text keys at the top, `rope_scaling`, `in_chans`) or a transformers-5
+    nested one (`text_config`, `rope_parameters`). Keys that change the math and that we do not support raise."""
+    top = {k: v for k, v in d.items() if k not in ("text_config", "vision_config")}
+    # Nested wins over flat, except where it is null: transformers 4.53-4.57 re-save the 7B with
+    # "image_token_id": null (and video/vision ids) inside text_config next to the real ids at the top level.
+    nested = {k: v for k, v in (d.get("text_config") or {}).items() if v is not None}
+    text = {**top, **nested}
+    vision = {k: v for k, v in (d.get("vision_config") or {}).items() if v is not None}
+    t = _read_keys(TextConfig, text, _TEXT_IGNORED, f"{source}: text config", _check_text)
+    v = _read_keys(VisionConfig, vision, _VISION_IGNORED, f"{source}: vision_config", _check_vision)
+    ids = {f.name: text[f.name] for f in fields(Config) if f.name.endswith("_token_id") and f.name in text}
+    if isinstance(ids.get("eos_token_id"), list) and ids["eos_token_id"]:   # several stop ids: the first is
+        ids["eos_token_id"] = ids["eos_token_id"][0]                       # <|im_end|>
+    for k, i in ids.items():
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"{source}: {k}: expected a non-negative integer token id, found {i!r}")
+    tie = {"tie_word_embeddings": bool(text["tie_word_embeddings"])} if "tie_word_embeddings" in text else {}
+    cfg = Config(text=t, vision=v, **ids, **tie)
+    if v.out_hidden_size != t.hidden_size:
+        raise DataError(f"{source}: vision_config.out_hidden_size {v.out_hidden_size} != hidden_size "
+                         f"{t.hidden_size}: the merger must output text-width embeddings")
+    if sum(t.mrope_section) * 2 != t.head_dim:
+        raise DataError(f"{source}: mrope_section {list(t.mrope_section)} must sum to head_dim/2 = "
+                        f"{t.head_dim // 2}")
+    return cfg
+
+
+# Keys that do not change the math (generic HF bookkeeping, dropout, inert sliding-window settings): listed once.
+_COMMON_IGNORED = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "initializer_range",
+                   "_name_or_path", "use_cache", "return_dict", "output_hidden_states", "output_attentions",
+                   "pad_token_id", "attention_dropout", "vision_token_id", "sliding_window", "max_window_layers",
+                   "name_or_path", "id2label", "label2id", "problem_type", "tokenizer_class", "spatial_patch_size",
+                   "chunk_size_feed_forward", "is_encoder_decoder", "tie_word_embeddings", "image_token_id",
+                   "video_token_id", "vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id"}
+_TEXT_IGNORED = _COMMON_IGNORED | {"use_sliding_window", "layer_types", "rope_scaling", "rope_parameters", "head_dim"}
+_VISION_IGNORED = _COMMON_IGNORED | {"in_chans", "rope_parameters"}
+
+
+def _read_keys(cls, d, ignored, where, check):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(k for k in d if k not in known and k not in ignored)
+    if unknown:
+        raise DataError(f"{where}: unsupported key(s) {unknown}; gap does not know what they do to the math")
+    kw = {k: d[k] for k in known if k in d}
+    check(d, kw, where)
+    for k in ("mrope_section", "fullatt_block_indexes"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    return cls(**kw)
+
+
+def _check_text(d, kw, where):
+    if d.get("hidden_act", "silu") != "silu":
+        raise DataError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+    if d.get("use_sliding_window"):
+        raise DataError(f"{where}: use_sliding_window=true is not supported (Qwen2.5-VL uses full attention)")
+    if any(x != "full_attention" for x in d.get("layer_types") or []):
+        raise DataError(f"{where}: layer_types {set(d['layer_types'])} is not supported (only full_attention)")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "mrope"):
+        raise DataError(f"{where}: rope type {kind!r} is not supported (only mrope)")
+    if "mrope_section" in rope:
+        kw["mrope_section"] = rope["mrope_section"]
+    if "rope_theta" in rope:
+        kw["rope_theta"] = rope["rope_theta"]
+    if rope.get("factor", 1.0) != 1.0:
+        raise DataError(f"{where}: rope scaling factor {rope['factor']} is not supported")
+    if "head_dim" in d and d["head_dim"] != d.get("hidden_size", TextConfig.hidden_size) // d.get(
+            "num_attention_heads", TextConfig.num_attention_heads):
+        raise DataError(f"{where}: head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
+
+
+def _check_vision(d, kw, where):
+    if d.get("hidden_act", "silu") != "silu":
+        raise DataError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+    if "in_chans" in d and "in_channels" not in d:
+        kw["in_channels"] = d["in_chans"]
+    if d.get("spatial_patch_size", d.get("patch_size", 14)) != d.get("patch_size", 14):
+        raise DataError(f"{where}: spatial_patch_size != patch_size is not supported")
+    rope = d.get("rope_parameters") or {}
+    if rope.get("rope_theta", 10000.0) != 10000.0 or rope.get("rope_type", "axial") not in ("axial", "default"):
+        raise DataError(f"{where}: vision rope_parameters {rope} are not supported (2D rotary, theta 10000)")
+
+
+def config_to_dict(cfg):
+    """Hub-style flat config.json, as the official checkpoints ship it (transformers reads it back)."""
+    t, v = asdict(cfg.text), asdict(cfg.vision)
+    d = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl"}
+    d.update({k: t[k] for k in t if k != "mrope_section"})
+    d["rope_scaling"] = {"type": "mrope", "mrope_section": list(cfg.text.mrope_section)}
+    d.update({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("text", "vision")})
+    d["use_sliding_window"] = False
+    v["fullatt_block_indexes"] = list(v["fullatt_block_indexes"])
+    d["vision_config"] = v
+    return d
 
 
 # ---------------------------------------------------------------------------------------------------------------
