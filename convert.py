@@ -446,7 +446,7 @@ def convert(opts):
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, out)
-    prepare._atomic_text(out.with_name(out.name + ".dropped"),
+    model.write_text_atomic(out.with_name(out.name + ".dropped"),
                          "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dropped))
     why = Counter(d["field"].split("[")[0] for d in dropped)
     print(f"convert: kept {kept}/{kept + len(dropped)} records -> {out}"

@@ -307,11 +307,7 @@ def open_part(path, rank):
 
 def write_lines(path, rows):
     """Atomic rewrite: one JSON object per line, written to a temporary name and renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    gapmodel.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def merge_parts(path, world, finalize):
@@ -488,9 +484,7 @@ def evaluate(opts, bundle=None):
                "n_latents": bundle.n_latents, "ema_norm": opts.ema_norm, "intervention": intervention,
                "image_min_pixels": bundle.pixels[0], "image_max_pixels": bundle.pixels[1],
                "sweep_mode": sweep_mode if sweep else None, "sweep": budget}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+    gapmodel.write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     lat = lambda r: r["latency_s"]["mean"]
     print(f"\nintervention table ({len(records)} records, N={bundle.n_latents}"
           f"{', ema-norm' if opts.ema_norm else ''})")
@@ -605,7 +599,7 @@ def norms_main(opts, bundle=None):
     prof["data"] = str(opts.data)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    prepare._atomic_text(out / "norms.json", json.dumps(prof, indent=2) + "\n")
+    gapmodel.write_text_atomic(out / "norms.json", json.dumps(prof, indent=2) + "\n")
     plot_norms(prof, out / "norms.png")
     r = prof["out_in_ratio"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}x"
@@ -744,7 +738,7 @@ def summary(folders, json_path=None):
             table.setdefault(r["run"].removeprefix("eval-"), {})[r["mode"]] = {
                 "mean": r["mean"], "std": r["std"], "seeds": by_seed}
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        prepare._atomic_text(Path(json_path), json.dumps(table, indent=2) + "\n")
+        gapmodel.write_text_atomic(Path(json_path), json.dumps(table, indent=2) + "\n")
         print(f"wrote {json_path}")
     return rows
 

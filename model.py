@@ -37,6 +37,7 @@ Only torch, safetensors, numpy and PIL are imported: transformers is a test orac
 import contextlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -784,6 +785,14 @@ def read_json(path):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise data_error(path, "file", f"expected a JSON file, found {type(e).__name__}: {e}") from None
+
+
+def write_text_atomic(path, text):
+    """Write to a temporary name, then rename: a crash never leaves a half-written file under the real name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

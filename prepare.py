@@ -396,9 +396,9 @@ def write_hub_files(out, tok, cfg, pixels, base=None):
         files["generation_config.json"] = {"bos_token_id": cfg.bos_token_id, "pad_token_id": ids["endoftext"],
                                            "eos_token_id": [ids["im_end"], ids["endoftext"]], "do_sample": False}
     for name, d in files.items():
-        _atomic_text(out / name, json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+        model.write_text_atomic(out / name, json.dumps(d, indent=2, ensure_ascii=False) + "\n")
     if "generation_config.json" not in files:
-        _atomic_text(out / "generation_config.json", gen.read_text())
+        model.write_text_atomic(out / "generation_config.json", gen.read_text())
 
 
 # ---- record validation ----
@@ -667,12 +667,6 @@ def write_shard(targets, path, fp):
     os.replace(tmp, path)
 
 
-def _atomic_text(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---- build ----
 
 
@@ -737,7 +731,7 @@ def build(opts):
         rows.append({"id": r["id"], "image": r["image"], "input_ids": input_ids, "labels": labels,
                      "n_spans": r["response"].count(LATENT_PLACEHOLDER), "accuracy": r["accuracy"], "answer": r["answer"],
                      "question": r["question"], "response": r["response"], "aux_images": r["aux_images"]})
-    _atomic_text(out / "records.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    model.write_text_atomic(out / "records.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     if opts.layout == "text" and any(row["n_spans"] for row in rows):
         first = next(row for row in rows if row["n_spans"])
         raise DataError(f"{data} (id {first['id']}): response: --layout text expects no {LATENT_PLACEHOLDER}, "
@@ -761,7 +755,7 @@ def build(opts):
     if opts.layout != "gap":   # valr, text: no ViT targets, no PCA: the folder is complete
         for stale in [*out.glob("targets-*.safetensors*"), out / "pca.safetensors"]:
             stale.unlink(missing_ok=True)
-        _atomic_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        model.write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         print(f"build: kept {len(recs)}/{n_records} records ({len(skipped)} skipped), " + (
               f"{manifest['n_spans']} blocks of K={n_latents} latents, external encoders {sorted(external) or 'none'}"
               if valr_layout else "plain text") + f" -> {out}")
@@ -802,7 +796,8 @@ def build(opts):
 
     manifest.update(pca={"k": basis.k, "threshold": basis.threshold, "relmse": basis.relmse()}, shards=shards,
                     target_dim=cfg.vision.out_hidden_size, target_norm=norm_sum / n_rows)
-    _atomic_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")   # written last: marks completion
+    # written last: its presence marks a finished build
+    model.write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     print(f"build: kept {len(recs)}/{n_records} records ({len(skipped)} skipped), {manifest['n_spans']} spans in "
           f"{len(shards)} shard(s), PCA k={basis.k}/{basis.d} (RelMSE {basis.relmse():.4f}) -> {out}")
     return manifest
@@ -1018,7 +1013,8 @@ def synthetic(opts):
     random.Random(opts.seed).shuffle(order)
     test = set(order[:round(opts.n * opts.test_frac)])
     for name, keep in (("train", lambda i: i not in test), ("test", lambda i: i in test)):
-        _atomic_text(raw / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for i, r in enumerate(recs) if keep(i)))
+        model.write_text_atomic(raw / f"{name}.jsonl",
+                                "".join(json.dumps(r) + "\n" for i, r in enumerate(recs) if keep(i)))
 
     # tokenizer on all synthetic text plus the template's own words (like a base model's, which saw everything)
     texts = ["system\n" + SYSTEM_PROMPT, "user\n", "assistant\n", "\n"]
@@ -1049,7 +1045,7 @@ def synthetic_tiles(opts):
             for i in tqdm(range(opts.n), desc=f"synthetic {opts.task}", disable=opts.n < 100)]
     n_test = round(opts.n * opts.test_frac)
     for name, part in (("train", recs[n_test:]), ("test", recs[:n_test])):   # i.i.d. examples: no shuffle needed
-        _atomic_text(raw / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in part))
+        model.write_text_atomic(raw / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in part))
     print(f"synthetic {opts.task}: {opts.n} examples ({opts.n - n_test} train, {n_test} test) -> {raw}")
     if opts.task == "tiles":
         return None
