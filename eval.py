@@ -362,12 +362,12 @@ def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
     """Generate and score every record under one (mode, N); writes predictions-<mode>-<N>.jsonl; -> summary (rank 0;
     None on the other ranks). A finished predictions file is read back instead of generated again."""
     path = Path(out_dir) / f"predictions-{mode}-{n_latents}.jsonl"
+    # batches are the unit of work: a batch's rows and sampling seed are the same whichever rank runs it
     batches = [records[i:i + opts.batch_size] for i in range(0, len(records), opts.batch_size)]
     ids = [r["id"] for r in records]
-    done = {}
-    if path.exists():
-        done = {p["id"]: p for p in (json.loads(l) for l in path.read_text(encoding="utf-8").splitlines())}
+    done = {p["id"]: p for p in read_lines(path)} if path.exists() else {}
     if set(done) != set(ids):
+        # resume: every record found in any rank's part file (of this run or a crashed one) is not generated again
         done = {p["id"]: p for p in read_parts(path) if "id" in p}
         mine = [k for k in range(rank, len(batches), world) if not all(r["id"] in done for r in batches[k])]
         with open_part(path, rank) as f:
@@ -394,13 +394,14 @@ def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
         merge_parts(path, world, lambda parts: [{p["id"]: p for p in parts}[i] for i in ids])
     if rank != 0:
         return None
-    done = {p["id"]: p for p in (json.loads(l) for l in path.read_text(encoding="utf-8").splitlines())}
+    done = {p["id"]: p for p in read_lines(path)}
     preds = [done[i] for i in ids]
     cats, scored = {}, [p["correct"] for p in preds if p["correct"] is not None]   # None: a record without answer
     for p in preds:
         if p["correct"] is not None:
             cats.setdefault(p["category"], []).append(p["correct"])
-    total = sum(done[b[0]["id"]]["latency_s"] for b in batches)   # wall time of the batches, one after another
+    # every row of a batch carries the batch's wall time: count each batch once, the batches one after another
+    total = sum(done[b[0]["id"]]["latency_s"] for b in batches)
     return {"mode": mode, "latents": n_latents, "n": len(preds), "n_scored": len(scored),
             "accuracy": float(np.mean(scored)) if scored else None,
             "per_category": {c: {"accuracy": float(np.mean(v)), "n": len(v)} for c, v in sorted(cats.items())},
