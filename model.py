@@ -1,8 +1,8 @@
 """
 Qwen2.5-VL from scratch: vision tower, text decoder with M-RoPE, static KV cache, image preprocessing,
 and loading/saving checkpoints in the Hugging Face safetensors layout. One file, top to bottom:
-configs -> helpers -> vision tower -> text decoder -> the full model -> positions -> images -> errors, config.json
-reader, checkpoints.
+configs -> helpers -> vision tower -> text decoder -> the full model -> positions -> config.json reader ->
+checkpoints. Image preprocessing and input errors are in inputs.py, the SDPA form selection in attention.py.
 
 Data flow for one image and a question (shapes for 7B; D = 3584):
     image --preprocess_image--> pixel_values (N, 1176): N 14x14 patches, each 3 channels x 2 frames x 14 x 14
@@ -34,20 +34,21 @@ The reference is transformers' implementation, which the tests match to ~1e-5 in
 Only torch, safetensors, numpy and PIL are imported: transformers is a test oracle, never a dependency.
 """
 
-import contextlib
 import json
-import math
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+# Two leaf files hold what is not the network itself; every name stays reachable as model.X.
+from attention import (AttentionPlan, attention_mask_4d, attention_plan, gqa_is_fused,  # noqa: F401
+                       left_pad_starts)
+from inputs import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, IMAGE_MEAN, IMAGE_STD, MAX_DECODE_PIXELS,  # noqa: F401
+                    DataError, data_error, load_image, open_safetensors, preprocess_image, read_json,
+                    read_pixel_limits, smart_resize, write_text_atomic)
 
 # ---------------------------------------------------------------------------------------------------------------
 # ---- configs ----
@@ -380,95 +381,7 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
-# ---- attention plans: which SDPA form each call uses ----
-# torch's fused SDPA kernels each refuse something: flash takes no attn_mask, memory-efficient and cuDNN take no
-# enable_gqa (https://github.com/pytorch/pytorch/issues/139586), and anything refused falls back to the math kernel,
-# which for 7B upcasts and expands the KV cache 7x per decode step and materialises (B, 28, T, S) fp32 scores at
-# prefill (~30 GB for one 16k-token image). So each forward picks, once, a form some fused kernel accepts:
-#   causal  prefill with no padding: is_causal over the chunk itself (+ enable_gqa -> flash)
-#   rows    left-padded prefill: per row, is_causal over its real suffix (variable length without a mask)
-#   decode  one new token against the cache: the g = nh / nkv query heads of a KV group are folded into the query
-#           axis, (B, nkv, g, hd) against (B, nkv, L, hd) - no enable_gqa, so a key mask (B, 1, 1, L) is fine for
-#           the memory-efficient / cuDNN kernels - and only a bucketed prefix L of the cache is read
-#   masked  anything else (a chunk at a non-zero offset, holes in the mask) and the reference the fast forms are
-#           tested against: a boolean (B, 1, T, S) mask with enable_gqa
-
-
-class AttentionPlan:
-    def __init__(self, kind, mask=None, starts=None, kv_len=None, gqa=True):
-        self.kind, self.mask, self.starts, self.kv_len = kind, mask, starts, kv_len
-        self.gqa = gqa    # False: repeat K/V heads instead of enable_gqa (no fused kernel takes GQA for this dtype)
-
-
-_GQA_FUSED = {}   # (device, dtype) -> bool: does a fused (non-math) SDPA kernel accept enable_gqa + is_causal?
-
-
-def gqa_is_fused(device, dtype):
-    """Detected once per (device, dtype) by trying a tiny call with the math kernel excluded. On CUDA flash takes
-    GQA in bf16/fp16 only; in fp32 repeating K/V heads (7x the chunk's K/V, not the cache) keeps memory-efficient."""
-    if device.type != "cuda":
-        return True                     # CPU: one kernel family either way
-    key = (str(device), dtype)
-    if key not in _GQA_FUSED:
-        if torch.compiler.is_compiling():   # no probe inside a traced graph (train.py --compile): flash's own rule
-            return dtype in (torch.float16, torch.bfloat16)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        q = torch.zeros(1, 4, 8, 64, device=device, dtype=dtype)
-        kv = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)
-        try:
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                              SDPBackend.EFFICIENT_ATTENTION]):
-                F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
-            _GQA_FUSED[key] = True
-        except RuntimeError:            # "No available kernel"
-            _GQA_FUSED[key] = False
-    return _GQA_FUSED[key]
-
-
-def left_pad_starts(attention_mask):
-    """(B, T) 0/1 mask -> per-row count of leading pads (list), or None if the mask is not pads-then-real."""
-    am = attention_mask.bool().cpu()
-    starts = (~am).sum(1)
-    if not bool((am == (torch.arange(am.shape[1]) >= starts[:, None])).all()):
-        return None
-    return starts.tolist()
-
-
-def attention_plan(attention_mask, T, S, input_pos, kv_len, device, dtype, fast=True):
-    """Decide the attention form of one forward (see above). Prefill plans cost one host sync, decode plans none."""
-    masked = lambda: AttentionPlan("masked", attention_mask_4d(attention_mask, T, S, input_pos, device))
-    if not fast:
-        if attention_mask is None and input_pos is None:
-            return AttentionPlan("causal")          # the plain causal case was always is_causal
-        return masked()
-    if input_pos is not None and T == 1:
-        L = kv_len or S
-        k_idx = torch.arange(L, device=device)
-        mask = (k_idx <= input_pos)[None]                                         # (1, L) causal: written slots
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, :L].bool()                             # (B, L) real keys
-        return AttentionPlan("decode", mask.view(mask.shape[0], 1, 1, L), kv_len=L)
-    gqa = gqa_is_fused(device, dtype)
-    if input_pos is not None and input_pos[[0, -1]].tolist() != [0, T - 1]:
-        return masked()                             # a chunk appended after earlier slots
-    starts = None if attention_mask is None else left_pad_starts(attention_mask[:, :T])
-    if attention_mask is not None and starts is None:
-        return masked()
-    if starts is None or not any(starts):
-        return AttentionPlan("causal", gqa=gqa)
-    return AttentionPlan("rows", starts=starts, gqa=gqa)
-
-
-def attention_mask_4d(attention_mask, T, S, input_pos, device):
-    """Boolean (B|1, 1, T, S) mask: query at sequence index i sees key s iff s <= i and the key is real.
-    Each query also sees itself, so a left-pad query never has an empty row (its output is ignored anyway)."""
-    q_idx = input_pos if input_pos is not None else torch.arange(T, device=device)
-    k_idx = torch.arange(S, device=device)
-    mask = k_idx[None, :] <= q_idx[:, None]                                    # (T, S) causal by index
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, :]                        # (B, T, S)
-    mask = mask | (k_idx[None, :] == q_idx[:, None])
-    return mask.reshape(-1, 1, T, S)   # (B|1, 1, T, S): 4-D, or CPU SDPA drops to its slow math path
+# Which SDPA form a forward uses (causal, rows, decode, masked) is decided once per call in attention.py.
 
 
 class Attention(nn.Module):
@@ -672,138 +585,6 @@ def get_position_ids(cfg: Config, input_ids, image_grid_thw=None, attention_mask
     if n_img != len(grids):
         raise ValueError(f"image_grid_thw has {len(grids)} images but input_ids hold {n_img} image runs")
     return pos.to(input_ids.device), deltas.to(input_ids.device)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- image preprocessing, bit-exact with transformers' Qwen2VLImageProcessorPil ----
-
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_DECODE_PIXELS = 89_478_485   # refuse to decode larger files (PIL's own decompression-bomb limit)
-# transformers' Qwen2VLImageProcessor class defaults (4 to 1280 image tokens), used for a folder without a
-# preprocessor_config.json. The hub's Qwen2.5-VL folders set 3136 / 12845056 there (up to 16384 image tokens).
-DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
-
-
-def read_pixel_limits(folder):
-    """(min_pixels, max_pixels) from a model folder's preprocessor_config.json, or None without one. Both
-    spellings are read: `min_pixels`/`max_pixels` (hub) and `size: {shortest_edge, longest_edge}` (transformers
-    >= 4.5x); like transformers, min_pixels/max_pixels win where both are present."""
-    path = Path(folder) / "preprocessor_config.json"
-    if not path.is_file():
-        return None
-    d = read_json(path)
-    size = d.get("size") if isinstance(d.get("size"), dict) else {}
-    out = []
-    for key, alt, default in (("min_pixels", "shortest_edge", DEFAULT_MIN_PIXELS),
-                              ("max_pixels", "longest_edge", DEFAULT_MAX_PIXELS)):
-        v = d.get(key) if d.get(key) is not None else size.get(alt, default)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DataError(f"{path}: {key}: expected a positive integer, found {v!r}")
-        out.append(v)
-    if out[0] > out[1]:
-        raise DataError(f"{path}: min_pixels {out[0]} > max_pixels {out[1]}")
-    return tuple(out)
-
-
-def smart_resize(height, width, factor=28, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS):
-    """smart_resize: multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect ratio kept."""
-    if min(height, width) <= 0:
-        raise DataError(f"image has zero size ({height}x{width})")
-    if max(height, width) / min(height, width) > 200:
-        raise DataError(f"image aspect ratio {max(height, width) / min(height, width):.1f} is over 200 "
-                         f"({height}x{width})")
-    h, w = round(height / factor) * factor, round(width / factor) * factor   # Python round: banker's on .5
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
-
-
-def load_image(path):
-    """Open an image file safely: a pixel cap before decoding, a clear ValueError for anything unusable."""
-    try:
-        img = Image.open(path)
-        if img.width * img.height > MAX_DECODE_PIXELS:
-            raise DataError(f"{path}: {img.width}x{img.height} is over the {MAX_DECODE_PIXELS} pixel cap")
-        img.load()
-        return img
-    except DataError:
-        raise
-    except Exception as e:   # PIL raises many types for broken files (UnidentifiedImageError, OSError, SyntaxError)
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def preprocess_image(image, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS, patch_size=14, merge_size=2,
-                     temporal_patch_size=2):
-    """PIL image (or a path) -> pixel_values (N, 3*2*14*14) float32 and image_grid_thw (1, 3) int64."""
-    if not isinstance(image, Image.Image):
-        image = load_image(image)
-    W, H = image.size
-    if W * H > MAX_DECODE_PIXELS:
-        raise DataError(f"image {W}x{H} is over the {MAX_DECODE_PIXELS} pixel cap")
-    h, w = smart_resize(H, W, patch_size * merge_size, min_pixels, max_pixels)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        # transparency is composited onto white, like transformers' convert_to_rgb
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    image = image.convert("RGB").resize((w, h), resample=Image.BICUBIC)
-    x = np.asarray(image).transpose(2, 0, 1)                                  # (3, h, w) uint8
-    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)                 # rescale in f64, like transformers
-    mean, std = np.array(IMAGE_MEAN, np.float32), np.array(IMAGE_STD, np.float32)
-    x = ((x.T - mean) / std).T                                                # per channel, float32
-    gh, gw, m, P = h // patch_size, w // patch_size, merge_size, patch_size
-    x = x.reshape(3, gh // m, m, P, gw // m, m, P).transpose(1, 4, 2, 5, 0, 3, 6)   # (gh/m, gw/m, m, m, C, P, P)
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, P, P))  # frame duplicated T=2
-    pixel_values = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * temporal_patch_size * P * P))
-    return pixel_values, torch.tensor([[1, gh, gw]], dtype=torch.long)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ---- errors: what a bad input file raises ----
-
-
-class DataError(ValueError):
-    """An expected failure caused by an input (a file, a record, an option), not by a bug in gap. The message says
-    where and what: "<file>[ line N][ (id X)]: <field>: <what was expected, what was found>". Every script prints it
-    as one line on stderr and exits 1 (prepare.run_main); anything else is a bug and keeps its traceback."""
-
-
-def data_error(file, field, reason, line=None, rid=None):
-    """-> a DataError with the message laid out as above (line and id when the input has them)."""
-    at = (f" line {line}" if line is not None else "") + (f" (id {rid})" if rid is not None else "")
-    return DataError(f"{file}{at}: {field}: {reason}")
-
-
-def read_json(path):
-    """json.loads of a file, naming the file when it is missing, cut short or not JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise data_error(path, "file", f"expected a JSON file, found {type(e).__name__}: {e}") from None
-
-
-def write_text_atomic(path, text):
-    """Write to a temporary name, then rename: a crash never leaves a half-written file under the real name."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def open_safetensors(path, device="cpu"):
-    """safe_open that names the file when it is truncated or not safetensors at all (safetensors' own error says
-    only "Error while deserializing header")."""
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            yield f
-    except SafetensorError as e:
-        raise data_error(path, "file", f"expected a safetensors file, found an unreadable one ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
