@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import model as gapmodel
+import model
 import prepare
 import sample
 import vlmevalkit
@@ -307,7 +307,7 @@ def open_part(path, rank):
 
 def write_lines(path, rows):
     """Atomic rewrite: one JSON object per line, written to a temporary name and renamed."""
-    gapmodel.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    model.write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def merge_parts(path, world, finalize):
@@ -485,7 +485,7 @@ def evaluate(opts, bundle=None):
                "n_latents": bundle.n_latents, "ema_norm": opts.ema_norm, "intervention": intervention,
                "image_min_pixels": bundle.pixels[0], "image_max_pixels": bundle.pixels[1],
                "sweep_mode": sweep_mode if sweep else None, "sweep": budget}
-    gapmodel.write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    model.write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     lat = lambda r: r["latency_s"]["mean"]
     print(f"\nintervention table ({len(records)} records, N={bundle.n_latents}"
           f"{', ema-norm' if opts.ema_norm else ''})")
@@ -600,7 +600,7 @@ def norms_main(opts, bundle=None):
     prof["data"] = str(opts.data)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    gapmodel.write_text_atomic(out / "norms.json", json.dumps(prof, indent=2) + "\n")
+    model.write_text_atomic(out / "norms.json", json.dumps(prof, indent=2) + "\n")
     plot_norms(prof, out / "norms.png")
     r = prof["out_in_ratio"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}x"
@@ -708,7 +708,7 @@ def oracle_probe(m, prepared, feed="oracle", limit=0, batch_size=32):
 
 def oracle_main(opts):
     device = prepare.resolve_device(opts.device)
-    m = gapmodel.load_pretrained(opts.model, dtype=torch.float32, device=device)
+    m = model.load_pretrained(opts.model, dtype=torch.float32, device=device)
     rows = [oracle_probe(m, opts.data, feed, opts.limit, opts.batch_size) for feed in ("oracle", "none")]
     print(format_table(rows, [("latents fed", "feed", "{}"), ("records", "n", "{}"),
                               ("tail accuracy", "accuracy", "{:.4f}")]))
@@ -724,7 +724,7 @@ def summary(folders, json_path=None):
     writes). json_path: also write {group: {mode: {"mean", "std", "seeds": {seed: accuracy}}}} there."""
     groups = {}
     for folder in folders:
-        res = gapmodel.read_json(Path(folder) / "results.json")
+        res = model.read_json(Path(folder) / "results.json")
         group, seed = Path(folder).name.rsplit("-", 1)
         for row in res["intervention"]:
             groups.setdefault((group, row["mode"]), {})[seed] = row["accuracy"]
@@ -739,7 +739,7 @@ def summary(folders, json_path=None):
             table.setdefault(r["run"].removeprefix("eval-"), {})[r["mode"]] = {
                 "mean": r["mean"], "std": r["std"], "seeds": by_seed}
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        gapmodel.write_text_atomic(Path(json_path), json.dumps(table, indent=2) + "\n")
+        model.write_text_atomic(Path(json_path), json.dumps(table, indent=2) + "\n")
         print(f"wrote {json_path}")
     return rows
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 import latent_head
-import model as gapmodel
+import model
 import prepare
 
 MODES = ("pca", "full", "raw", "zero", "noise")
@@ -70,7 +70,7 @@ class SampleOptions:
 class Bundle:
     """Everything generation needs, loaded once. `kind` is the trained head's kind per gap.json (None for a plain
     HF checkpoint); `head` is that head (fp32, see latent_head's precision policy); `basis` the PCA basis if any."""
-    model: gapmodel.Qwen25VL
+    model: model.Qwen25VL
     tok: object                     # tokenizers.Tokenizer with the latent tokens
     ids: dict                       # prepare.token_ids: im_start, im_end, ..., latent_start/pad/end
     head: nn.Module = None
@@ -79,7 +79,7 @@ class Bundle:
     kind: str = None
     vision_norm: float = None       # gap.json: mean norm of the training targets (informational)
     path: str = ""
-    pixels: tuple = (gapmodel.DEFAULT_MIN_PIXELS, gapmodel.DEFAULT_MAX_PIXELS, "defaults")  # prepare.resolve_pixels
+    pixels: tuple = (model.DEFAULT_MIN_PIXELS, model.DEFAULT_MAX_PIXELS, "defaults")  # prepare.resolve_pixels
     trunks: dict = field(default_factory=dict)   # get_trunk: the eager / compiled decode step, built once
 
     @property
@@ -97,7 +97,7 @@ def load(model_dir, dtype=torch.float32, device="cpu", min_pixels=-1, max_pixels
     Image pixel limits: the arguments if > 0, else gap.json's, else preprocessor_config.json's (resolve_pixels)."""
     path = Path(model_dir)
     device = torch.device(device)
-    m = gapmodel.load_pretrained(path, dtype=dtype, device=device)
+    m = model.load_pretrained(path, dtype=dtype, device=device)
     tok = prepare.load_tokenizer(path)
     ids = prepare.token_ids(tok)
     prepare.check_latent_ids(tok, m.cfg)
@@ -178,7 +178,7 @@ def encode_prompts(bundle, images, questions):
 def preprocess(bundle, image):
     """model.preprocess_image at the bundle's pixel limits and the model's patch/merge sizes."""
     v = bundle.model.cfg.vision
-    return gapmodel.preprocess_image(image, bundle.pixels[0], bundle.pixels[1], v.patch_size, v.spatial_merge_size,
+    return model.preprocess_image(image, bundle.pixels[0], bundle.pixels[1], v.patch_size, v.spatial_merge_size,
                                      v.temporal_patch_size)
 
 

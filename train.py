@@ -49,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import latent_head as lh
-import model as qm
+import model
 import prepare
 import sample
 from dataloader import MicroBatches, Records, collate, loader, step_plan  # noqa: F401  (train.X API)
@@ -305,7 +305,7 @@ def check_replica_fits(model_dir, n_train, have, gpu):
 
 def build(cfg, records, device, world):
     cuda = device.type == "cuda"
-    vlm = qm.load_pretrained(cfg.model, dtype=torch.float32, device=device)   # fp32 master weights
+    vlm = model.load_pretrained(cfg.model, dtype=torch.float32, device=device)   # fp32 master weights
     vocab = vlm.cfg.text.vocab_size
     if max(records.start_id, records.pad_id, records.end_id) >= vocab:
         raise prepare.DataError(f"latent token ids {records.start_id}..{records.end_id} from {cfg.data}/manifest.json "
@@ -488,7 +488,8 @@ def export(gap, cfg, records, basis, rank, device):
     tmp = out / "export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (out / "gap.json").unlink(missing_ok=True)
-    qm.save_pretrained(gap.vlm, tmp, state_dict={k[4:]: v.to(dtype) for k, v in state.items() if k.startswith("vlm.")})
+    model.save_pretrained(gap.vlm, tmp,
+                          state_dict={k[4:]: v.to(dtype) for k, v in state.items() if k.startswith("vlm.")})
     # tokenizer (with the latent tokens), chat template, processor and generation configs: a complete hub folder
     prepare.write_hub_files(tmp, prepare.load_tokenizer(cfg.data), gap.vlm.cfg, records.pixels, base=cfg.model)
     if cfg.latent_head != "raw":   # a plain CPU copy of the head, filled from the full state

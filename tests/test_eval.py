@@ -229,9 +229,9 @@ def test_oracle_probe_feeds_true_targets(syn, monkeypatch):
     """The probe must put target v_j at latent pad j (row-major, across the records of a padded batch), and with
     feed=none run the same records with no span at all."""
     import torch
-    import model as gapmodel
+    import model
     import train
-    m = gapmodel.load_pretrained(syn / "model")
+    m = model.load_pretrained(syn / "model")
     recs = train.Records(syn / "prepared", tau=1.0)
     with_spans = [i for i in range(len(recs)) if recs.start_id in recs.raw(i)[0]]
     ids_in, x_in, embed, decode = [], [], m.embed, m.decode

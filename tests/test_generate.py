@@ -6,7 +6,7 @@ eval / score against one process. CPU, tiny random model.
 import torch
 import pytest
 
-import model as gapmodel
+import model
 from test_sample import image, tiny_model
 
 
@@ -41,8 +41,8 @@ def both(m, fn):
 
 def test_plans_pick_the_fused_forms():
     dev, f32 = torch.device("cpu"), torch.float32
-    plan = lambda am, T, S, pos, L=None: gapmodel.attention_plan(am, T, S, pos, L, dev, f32).kind
-    ids, mask = left_padded(gapmodel.PRESETS["tiny"])
+    plan = lambda am, T, S, pos, L=None: model.attention_plan(am, T, S, pos, L, dev, f32).kind
+    ids, mask = left_padded(model.PRESETS["tiny"])
     assert plan(None, 9, 9, None) == "causal"
     assert plan(torch.ones(3, 9), 9, 9, None) == "causal"
     assert plan(mask, 9, 9, None) == "rows"
@@ -95,7 +95,7 @@ def test_vision_mixed_sizes_unpadded(m):
     """Two images of different sizes in one ViT call == each alone (no padding, no cross-talk), windows of several
     shapes included (a 20x28-patch grid has partial edge windows)."""
     imgs = [image(280, 392, 1), image(112, 168, 2), image(280, 392, 3)]
-    pre = [gapmodel.preprocess_image(i) for i in imgs]
+    pre = [model.preprocess_image(i) for i in imgs]
     pv, grid = torch.cat([p for p, _ in pre]), torch.cat([g for _, g in pre])
     together = m.visual(pv, grid)
     alone = torch.cat([m.visual(p, g) for p, g in pre])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import model as gapmodel
+import model
 import sample
 from test_sample import Q_A, Q_B, STEPS, image, tiny_folder
 
@@ -30,12 +30,11 @@ def kernels(fn):
 @pytest.fixture(scope="module")
 def m():
     # the small preset's shapes (head_dim 64, GQA 4:1; ViT head_dim 80), two layers, bf16 on the GPU
-    cfg = gapmodel.PRESETS["small"]
-    cfg = gapmodel.Config(text=gapmodel.TextConfig(**{**cfg.text.__dict__, "num_hidden_layers": 2}),
-                          vision=gapmodel.VisionConfig(**{**cfg.vision.__dict__, "depth": 2,
-                                                          "fullatt_block_indexes": (1,)}))
+    cfg = model.PRESETS["small"]
+    cfg = model.Config(text=model.TextConfig(**{**cfg.text.__dict__, "num_hidden_layers": 2}),
+                       vision=model.VisionConfig(**{**cfg.vision.__dict__, "depth": 2, "fullatt_block_indexes": (1,)}))
     with torch.device("cuda"):
-        mm = gapmodel.Qwen25VL(cfg).to(torch.bfloat16).eval()
+        mm = model.Qwen25VL(cfg).to(torch.bfloat16).eval()
     return mm
 
 
@@ -57,7 +56,7 @@ def test_attention_forms_dispatch_to_fused_kernels(m):
         "decode step (GQA folded)": lambda: m.decode(x[:, :1], p1, cache_mask, input_pos=torch.tensor([T], device=dev),
                                                      kv_len=sample.kv_bucket(T + 1)),
     }
-    pv, grid = zip(*(gapmodel.preprocess_image(image(w, h, s)) for w, h, s in ((448, 336, 1), (196, 280, 2))))
+    pv, grid = zip(*(model.preprocess_image(image(w, h, s)) for w, h, s in ((448, 336, 1), (196, 280, 2))))
     calls["ViT, two image sizes"] = lambda: m.visual(torch.cat(pv).to(dev), torch.cat(grid))
     seen = {name: kernels(fn) for name, fn in calls.items()}
     m.clear_cache()

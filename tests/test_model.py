@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_tiny as H
-import model as qwen
+import model
 from conftest import assert_close, record
 
 # fp32 parity threshold. Our model uses F.linear for the patch embedding and SDPA where HF uses Conv3d and eager
@@ -66,7 +66,7 @@ def hf(base):
 
 @pytest.fixture(scope="session")
 def ours(base):
-    return qwen.load_pretrained(base, dtype=torch.float32)
+    return model.load_pretrained(base, dtype=torch.float32)
 
 
 def build_ids(*parts):
@@ -214,7 +214,7 @@ def test_preprocess_matches_hf(hw, mode):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     img = make_image(hw, mode)
     want = Qwen2VLImageProcessorPil()(images=img, return_tensors="pt")
-    pv, grid = qwen.preprocess_image(img)
+    pv, grid = model.preprocess_image(img)
     assert pv.dtype == torch.float32 and grid.dtype == torch.long
     assert grid.tolist() == want["image_grid_thw"].tolist()
     assert pv.shape == want["pixel_values"].shape
@@ -227,7 +227,7 @@ def test_preprocess_pixel_limits():
     img = H.pil_image(333, 517, seed=5)
     for lo, hi in [(56 * 56, 28 * 28 * 64), (28 * 28 * 300, 28 * 28 * 1280)]:
         want = Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)(images=img, return_tensors="pt")
-        pv, grid = qwen.preprocess_image(img, min_pixels=lo, max_pixels=hi)
+        pv, grid = model.preprocess_image(img, min_pixels=lo, max_pixels=hi)
         assert grid.tolist() == want["image_grid_thw"].tolist()
         assert torch.equal(pv, want["pixel_values"])
 
@@ -238,7 +238,7 @@ def test_smart_resize_matches_hf():
              (5000, 25), (28 * 37, 28 * 41), (1234, 987), (10, 1999)]
     for h, w in sizes:
         for lo, hi in [(56 * 56, 28 * 28 * 1280), (3136, 12845056), (28 * 28 * 4, 28 * 28 * 16)]:
-            assert qwen.smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi) == \
+            assert model.smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi) == \
                 tuple(hf_smart_resize(h, w, factor=28, min_pixels=lo, max_pixels=hi)), (h, w, lo, hi)
 
 
@@ -257,7 +257,7 @@ def test_preprocess_rejects_bad_images(tmp_path):
     for bad in [Image.new("RGB", (0, 10)), Image.new("RGB", (10, 0)), Image.new("RGB", (1, 250)),
                 Image.new("RGB", (201 * 2, 2))]:
         with pytest.raises(ValueError):
-            qwen.preprocess_image(bad)
+            model.preprocess_image(bad)
     # Over the hard pixel cap, as an already-opened (lazy) PIL image: PIL's own bomb check is switched off so the
     # cap in model.py is what rejects it, before any pixel is decoded.
     old = Image.MAX_IMAGE_PIXELS
@@ -266,7 +266,7 @@ def test_preprocess_rejects_bad_images(tmp_path):
         huge = Image.open(io.BytesIO(png_claiming(40000, 40000)))
         assert huge.size == (40000, 40000)
         with pytest.raises(ValueError, match="cap"):
-            qwen.preprocess_image(huge)
+            model.preprocess_image(huge)
     finally:
         Image.MAX_IMAGE_PIXELS = old
 
@@ -277,11 +277,11 @@ def test_preprocess_paths(tmp_path):
     img = H.pil_image(123, 77, seed=9)
     good = tmp_path / "good.png"
     img.save(good)
-    pv, grid = qwen.preprocess_image(str(good))
-    pv2, grid2 = qwen.preprocess_image(Image.open(good))
+    pv, grid = model.preprocess_image(str(good))
+    pv2, grid2 = model.preprocess_image(Image.open(good))
     assert torch.equal(pv, pv2) and torch.equal(grid, grid2)
     over = 10000  # 1e8 pixels: over model.MAX_DECODE_PIXELS, under PIL's hard 2x limit (only a warning there)
-    assert over * over > qwen.MAX_DECODE_PIXELS
+    assert over * over > model.MAX_DECODE_PIXELS
     (tmp_path / "huge.png").write_bytes(png_claiming(over, over))
     (tmp_path / "text.png").write_text("this is not an image\n")
     (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:200])
@@ -291,7 +291,7 @@ def test_preprocess_paths(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # PIL's DecompressionBombWarning for huge.png
             with pytest.raises(ValueError):
-                qwen.preprocess_image(x)
+                model.preprocess_image(x)
 
 
 # ---- checkpoint variants ----
@@ -305,7 +305,7 @@ def test_checkpoint_variants(ckpts, tied, fmt):
     keys = set(json.load(open(os.path.join(d, "model.safetensors.index.json")))["weight_map"]) if fmt == "sharded" \
         else set(load_file(os.path.join(d, "model.safetensors")))
     assert ("lm_head.weight" in keys) != tied, "HF drops lm_head.weight from tied saves"
-    m = qwen.load_pretrained(d, dtype=torch.float32)
+    m = model.load_pretrained(d, dtype=torch.float32)
     assert m.cfg.tie_word_embeddings == tied
     assert not m.training, "load_pretrained returns eval mode"
     assert all(p.dtype == torch.float32 for p in m.parameters())
@@ -320,12 +320,12 @@ def test_checkpoint_variants(ckpts, tied, fmt):
 
 
 def test_config_matches_tiny_preset(ckpts):
-    preset = qwen.PRESETS["tiny"]
+    preset = model.PRESETS["tiny"]
     for fmt in ("nested", "flat"):
-        cfg = qwen.Config.from_json(os.path.join(ckpts[(False, fmt)], "config.json"))
+        cfg = model.Config.from_json(os.path.join(ckpts[(False, fmt)], "config.json"))
         assert cfg == dataclasses.replace(preset, tie_word_embeddings=False), fmt
-        assert qwen.Config.from_dict(cfg.to_dict()) == cfg
-        tied = qwen.Config.from_json(os.path.join(ckpts[(True, fmt)], "config.json"))
+        assert model.Config.from_dict(cfg.to_dict()) == cfg
+        tied = model.Config.from_json(os.path.join(ckpts[(True, fmt)], "config.json"))
         assert tied.tie_word_embeddings is True
 
 
@@ -345,7 +345,7 @@ def test_config_values_are_honoured(ckpts, tmp_path, fmt):
         else:
             t["rope_theta"] = 1e4
     edit_config(d, fn)
-    m = qwen.load_pretrained(d, dtype=torch.float32)
+    m = model.load_pretrained(d, dtype=torch.float32)
     assert m.cfg.text.rms_norm_eps == 0.05 and m.cfg.text.rope_theta == 1e4
     assert tuple(m.cfg.text.mrope_section) == (4, 2, 2)
     ref = H.load_hf(d)
@@ -364,7 +364,7 @@ def test_bf16_error_like_hf(base, ours, hf):
     from transformers import Qwen2_5_VLForConditionalGeneration
     hf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(base, dtype=torch.bfloat16,
                                                               attn_implementation="eager").eval()
-    m16 = qwen.load_pretrained(base, dtype=torch.bfloat16)
+    m16 = model.load_pretrained(base, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
     ids, pv, grid = case("one_image")
     with torch.no_grad():
@@ -458,15 +458,15 @@ def test_kv_cache_left_padded_batch(ours):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 def test_save_pretrained_loads_in_hf(ckpts, tmp_path, tied, sharded):
-    m = qwen.load_pretrained(ckpts[(tied, "nested")], dtype=torch.float32)
+    m = model.load_pretrained(ckpts[(tied, "nested")], dtype=torch.float32)
     out = str(tmp_path / "saved")
     if sharded:
-        qwen.save_pretrained(m, out, max_shard_bytes=100_000)
+        model.save_pretrained(m, out, max_shard_bytes=100_000)
         index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
         files = set(index["weight_map"].values())
         assert len(files) > 1 and all(os.path.exists(os.path.join(out, f)) for f in files)
     else:
-        qwen.save_pretrained(m, out)
+        model.save_pretrained(m, out)
         assert os.path.exists(os.path.join(out, "model.safetensors"))
     written = set()
     for f in os.listdir(out):
@@ -481,7 +481,7 @@ def test_save_pretrained_loads_in_hf(ckpts, tmp_path, tied, sharded):
     with torch.no_grad():
         got = m(ids, pixel_values=pv, image_grid_thw=grid)
     assert_close("logits", got, H.hf_logits(ref, ids, pv, grid), ATOL)
-    again = qwen.load_pretrained(out, dtype=torch.float32)
+    again = model.load_pretrained(out, dtype=torch.float32)
     sd, sd2 = m.state_dict(), again.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
 
@@ -510,7 +510,7 @@ def edit_config(d, fn):
 
 def load_error(d):
     with pytest.raises(Exception) as ei:
-        qwen.load_pretrained(d, dtype=torch.float32)
+        model.load_pretrained(d, dtype=torch.float32)
     assert not isinstance(ei.value, AssertionError), "use a real exception, not assert"
     return str(ei.value)
 
@@ -598,7 +598,7 @@ def test_config_transformers_45x_layout(base, hf, tmp_path):
     json.dump(H.transformers_45x_config(json.load(open(path))), open(path, "w"))
     raw = json.load(open(path))
     assert raw["text_config"]["image_token_id"] is None and raw["image_token_id"] == H.IMG
-    m = qwen.load_pretrained(d, dtype=torch.float32)
+    m = model.load_pretrained(d, dtype=torch.float32)
     assert (m.cfg.image_token_id, m.cfg.video_token_id) == (H.IMG, 656)
     assert (m.cfg.vision_start_token_id, m.cfg.vision_end_token_id) == (H.VS, H.VE)
     ids, pv, grid = case("two_images")
@@ -627,7 +627,7 @@ def test_load_transformers_in_memory_names(base, ours, hf, tmp_path):
         assert any(k.startswith("model.language_model.layers.") for k in sd)
         assert any(k.startswith("model.visual.blocks.") for k in sd)
     edit_weights(d, rename)
-    m = qwen.load_pretrained(d, dtype=torch.float32)
+    m = model.load_pretrained(d, dtype=torch.float32)
     sd, ref = m.state_dict(), ours.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
     ids, pv, grid = case("one_image")

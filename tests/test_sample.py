@@ -22,7 +22,7 @@ from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 import latent_head
-import model as gapmodel
+import model
 import prepare
 import sample
 
@@ -55,7 +55,7 @@ def image(w=56, h=56, seed=0):
 @torch.no_grad()
 def tiny_model(seed=0, std=0.1):
     torch.manual_seed(seed)
-    m = gapmodel.Qwen25VL(gapmodel.PRESETS["tiny"])
+    m = model.Qwen25VL(model.PRESETS["tiny"])
     g = torch.Generator().manual_seed(seed)
     for name, p in m.named_parameters():
         noise = torch.randn(p.shape, generator=g) * std
@@ -94,7 +94,7 @@ def tiny_folder(root, kind="pca", boost=True):
         top = (m.lm_head.weight @ hA).max()
         with torch.no_grad():
             m.lm_head.weight[ids["latent_start"]] = (top + 5.0) / (perp @ perp) * perp
-    gapmodel.save_pretrained(m, out)
+    model.save_pretrained(m, out)
     if kind is not None:
         basis.save(out / "pca.safetensors")
     if kind in ("pca", "full"):
@@ -192,7 +192,7 @@ def test_ema_norm_rescales_to_image_norm(bundle, mode):
     img = image(56, 56, 1)
     row = sample.generate(bundle, [img], [Q_A], mode=mode, ema_norm=True, max_new_tokens=STEPS, debug=True)[0]
     # the target, computed independently: mean L2 norm of the query image's merged ViT embeddings
-    pv, grid = gapmodel.preprocess_image(img)
+    pv, grid = model.preprocess_image(img)
     with torch.no_grad():
         target = bundle.model.visual(pv, grid).float().norm(dim=-1).mean()
     assert row["latents"].shape[0] >= N

@@ -313,7 +313,7 @@ def test_dataloader_order_is_the_reference_across_a_resume(syn):
     and a loader started at a later step (a resume) continues that same sequence."""
     cfg = cfg_for(syn, "unused", tau=0.0, micro_batch=1, workers=2)
     recs = train.Records(syn / "prepared", cfg.tau)
-    vlm_cfg = train.qm.Config.from_json(syn / "model" / "config.json")
+    vlm_cfg = train.model.Config.from_json(syn / "model" / "config.json")
     data = train.MicroBatches(recs, cfg, vlm_cfg, rank=1, world=2)   # rank 1 of 2: 2 micro-batches per step
     reference = [train.collate([recs.get(i) for i in train.step_plan(recs, cfg, s, 2)[j][1]], vlm_cfg, recs.pad_id,
                                recs.pixels) for s in range(4) for j in range(2)]
@@ -350,7 +350,7 @@ def test_mfu_flops_on_a_hand_computed_config():
     """d 8, 2 layers, 2 heads of 4, 1 KV head, ffn 16, vocab 10; sequences of 3 and 5 tokens, 4 supervised.
     Block matmul parameters: q 8x8 + k 8x4 + v 8x4 + o 8x8 + gate/up/down 3x8x16 = 576.
     6 x 2 x 576 x 8 tokens = 55296; lm_head 6 x 8 x 10 x 4 = 1920; attention 6 x 2 x 2 x 4 x (9 + 25) = 3264."""
-    text = train.qm.TextConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    text = train.model.TextConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                intermediate_size=16, vocab_size=10)
     assert text.head_dim == 4
     assert train.train_flops(text, [3, 5], 4) == 55296 + 1920 + 3264
@@ -375,7 +375,7 @@ def test_fsdp_units_and_precision_policy(syn, cuda):
     from torch.distributed.tensor import DTensor
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        vlm = train.qm.load_pretrained(syn / "model")
+        vlm = train.model.load_pretrained(syn / "model")
         for p in vlm.visual.parameters():
             p.requires_grad_(False)
         head = train.lh.make_head("full", vlm.cfg.text.hidden_size)

@@ -164,7 +164,7 @@ def test_external_spec_errors(syn, plain, tmp_path, capsys):
 
 def test_rollout_equals_sequential_feedback(syn):
     """The chunked KV-cache rollout == feeding each latent back one at a time through a full recompute."""
-    m = train.qm.load_pretrained(syn / "model")
+    m = train.model.load_pretrained(syn / "model")
     torch.manual_seed(0)
     B, T, D = 2, 14, m.cfg.text.hidden_size
     x = torch.randn(B, T, D) * 0.5
