@@ -154,6 +154,7 @@ def spread(xs):
 
 
 def peak_bandwidth(opts, device):
+    # the datasheet HBM bandwidth in bytes/s, for "of bound"; other GPUs: pass --hbm-gbs
     if opts.hbm_gbs > 0:
         return opts.hbm_gbs * 1e9
     if device.type != "cuda":
@@ -201,7 +202,7 @@ def ours_generate(bundle, ids, pv, grid, n, clk, trunk, latent=False):
     pos, delta = m.position_ids(ids, grid)
     h = m.decode(m.embed(ids, pv, grid), pos, input_pos=torch.arange(T, device=dev))[:, -1]   # (B, D)
     state, bias = sample.LoopState(B, dev), sample.logit_bias(bundle, mode, dev)
-    if latent:
+    if latent:   # inside a span longer than the run: every timed step feeds back the head's latent
         state.latent[:], state.left[:] = True, n + 1
     step = lambda h, logits: sample.next_inputs(bundle, mode, state, h, logits, bias, n + 1, 0.0, 1.0, None, None)
     tok, _, _, _, inp = step(h, m.lm_head(h).float())
