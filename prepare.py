@@ -696,11 +696,17 @@ def make_tiny_model(tok, seed):
     base = model.PRESETS["tiny"]
     text = replace(base.text, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, mrope_section=(4, 6, 6))
+    return random_model(text, replace(base.vision, out_hidden_size=text.hidden_size), tok, seed)
+
+
+def random_model(text, vision, tok, seed):
+    """A Qwen25VL with these text / vision configs and the tokenizer's special-token ids, initialised like HF's init
+    (weights N(0, 0.02), norm weights 1, biases 0): a model that is trained, not an oracle."""
     t = tok.token_to_id
-    cfg = replace(base, text=text, vision=replace(base.vision, out_hidden_size=text.hidden_size),
-                  image_token_id=t("<|image_pad|>"), video_token_id=t("<|video_pad|>"),
-                  vision_start_token_id=t("<|vision_start|>"), vision_end_token_id=t("<|vision_end|>"),
-                  bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"))
+    cfg = replace(model.PRESETS["tiny"], text=text, vision=vision, image_token_id=t("<|image_pad|>"),
+                  video_token_id=t("<|video_pad|>"), vision_start_token_id=t("<|vision_start|>"),
+                  vision_end_token_id=t("<|vision_end|>"), bos_token_id=t("<|endoftext|>"),
+                  eos_token_id=t("<|im_end|>"))
     m = model.Qwen25VL(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -26,10 +26,10 @@ spans only where it never succeeds.
 import random
 from dataclasses import replace
 
-import torch
 from PIL import Image, ImageDraw
 
 import model
+import prepare
 from prepare import LATENT_PLACEHOLDER
 
 COLORS = {"red": (220, 40, 40), "green": (30, 150, 60), "blue": (40, 80, 220), "yellow": (225, 190, 20),
@@ -146,18 +146,4 @@ def make_model(tok, seed):
                    num_key_value_heads=4, mrope_section=(2, 3, 3))
     vision = replace(base.vision, depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
                      fullatt_block_indexes=(0, 1), out_hidden_size=text.hidden_size)
-    t = tok.token_to_id
-    cfg = replace(base, text=text, vision=vision, image_token_id=t("<|image_pad|>"), video_token_id=t("<|video_pad|>"),
-                  vision_start_token_id=t("<|vision_start|>"), vision_end_token_id=t("<|vision_end|>"),
-                  bos_token_id=t("<|endoftext|>"), eos_token_id=t("<|im_end|>"))
-    m = model.Qwen25VL(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(m.named_parameters()):   # sorted: the draw order is fixed by the names
-            if name.endswith(".bias"):
-                p.zero_()
-            elif p.ndim == 1:                           # RMSNorm / LayerNorm weights
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return m
+    return prepare.random_model(text, vision, tok, seed)
