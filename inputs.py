@@ -49,6 +49,21 @@ def write_text_atomic(path, text):
     os.replace(tmp, path)
 
 
+def jsonl_lines(path):
+    """-> (line number, text) of every non-blank line of a JSONL file. Lines end at "\\n" only: str.splitlines()
+    also ends them at U+2028, U+0085, \\x0c ..., which are valid raw inside a JSON string, and would cut one record
+    in two and shift every later line number. A line that is not UTF-8 is an error naming the file and the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:   # a UTF-8 byte-order mark may start the file (some Windows editors write one)
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise data_error(path, "text", f"expected UTF-8, found byte 0x{raw[e.start]:02x} at column "
+                                               f"{e.start + 1}", line=lineno) from None
+            if text.strip():
+                yield lineno, text
+
+
 @contextlib.contextmanager
 def open_safetensors(path, device="cpu"):
     """safe_open that names the file when it is truncated or not safetensors at all (safetensors' own error says

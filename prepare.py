@@ -42,6 +42,7 @@ import latent_head
 import model
 from model import DataError, data_error
 # moved to their own files; re-exported, so prepare.X keeps working
+from inputs import jsonl_lines  # noqa: F401
 from options import (Parser, add_options, check_options, option_problem, print_pixels, resolve_device,  # noqa: F401
                      resolve_dtype, resolve_pixels, run_main)
 from tokenizer import (CHAT_TEMPLATE, IGNORE, LATENT_PLACEHOLDER, LATENT_TOKENS, QWEN_SPECIAL_TOKENS,  # noqa: F401
@@ -267,21 +268,6 @@ def _check_images(rec, opts, vision, budget):
         except ValueError as e:
             raise BadRecord("aux_images", f"entry {j}: cannot use the image: {e}") from None
     return int(grid.prod()) // vision.spatial_merge_size ** 2
-
-
-def jsonl_lines(path):
-    """-> (line number, text) of every non-blank line of a JSONL file. Lines end at "\\n" only: str.splitlines()
-    also ends them at U+2028, U+0085, \\x0c ..., which are valid raw inside a JSON string, and would cut one record
-    in two and shift every later line number. A line that is not UTF-8 is an error naming the file and the line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:   # a UTF-8 byte-order mark may start the file (some Windows editors write one)
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise data_error(path, "text", f"expected UTF-8, found byte 0x{raw[e.start]:02x} at column "
-                                               f"{e.start + 1}", line=lineno) from None
-            if text.strip():
-                yield lineno, text
 
 
 def read_records(opts, vision, layout=None):
