@@ -59,9 +59,8 @@ class EvalOptions:
     top_p: float = field(default=1.0, metadata={"above": 0, "max": 1, "help": "nucleus sampling mass"})
     ema_norm: bool = field(default=False, metadata={"help": "EMA norm calibration of every fed-back latent"})
     seed: int = field(default=0, metadata={"help": "sampling / noise seed"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ... (under torchrun: "
-                                                          "cuda:LOCAL_RANK)"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
+    device: str = prepare.device_option()
+    dtype: str = prepare.dtype_option()
     min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = gap.json's (the trained "
                                                           "resolution), else preprocessor_config.json's"})
     max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = as for min_pixels"})
@@ -79,8 +78,8 @@ class NormsOptions:
     data: str = field(metadata={"help": "JSONL or VLMEvalKit TSV"})
     limit: int = field(default=16, metadata={"min": 0, "help": "records to profile"})
     out: str = field(default="out/norms", metadata={"help": "output folder (norms.json, norms.png)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda ..."})
-    dtype: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
+    device: str = prepare.device_option()
+    dtype: str = prepare.dtype_option()
     min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = the folder's"})
     max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = the folder's"})
 
@@ -91,7 +90,7 @@ class OracleOptions:
     data: str = field(metadata={"help": "a prepared folder (prepare.py build) with the same tokenizer"})
     limit: int = field(default=0, metadata={"help": "first N records with spans (0 = all)"})
     batch_size: int = field(default=32, metadata={"help": "records per forward"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda ..."})
+    device: str = prepare.device_option()
 
 
 # ---------------------------------------------------------------------------------------------------------------

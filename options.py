@@ -10,7 +10,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, field, fields
 from pathlib import Path
 
 import torch
@@ -113,6 +113,17 @@ def run_main(main, argv=None):
 
 
 # ---- device, precision and image pixel limits, resolved once per script ----
+
+
+def device_option():
+    """--device, as every script takes it (resolve_device)."""
+    return field(default="auto", metadata={"help": "auto (a GPU if there is one; under torchrun cuda:LOCAL_RANK) | "
+                                                   "cpu | cuda | cuda:N"})
+
+
+def dtype_option():
+    """--dtype, as every script that loads a model takes it (resolve_dtype)."""
+    return field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
 
 
 def resolve_device(name):

@@ -43,8 +43,8 @@ import model
 from model import DataError, data_error
 # moved to their own files; re-exported, so prepare.X keeps working
 from inputs import jsonl_lines  # noqa: F401
-from options import (Parser, add_options, check_options, option_problem, print_pixels, resolve_device,  # noqa: F401
-                     resolve_dtype, resolve_pixels, run_main)
+from options import (Parser, add_options, check_options, device_option, dtype_option, option_problem,  # noqa: F401
+                     print_pixels, resolve_device, resolve_dtype, resolve_pixels, run_main)
 from tokenizer import (CHAT_TEMPLATE, IGNORE, LATENT_PLACEHOLDER, LATENT_TOKENS, QWEN_SPECIAL_TOKENS,  # noqa: F401
                        SYSTEM_PROMPT, build_example, check_latent_ids, load_tokenizer, prompt_ids,
                        serialize_response, token_ids, write_hub_files)
@@ -65,8 +65,8 @@ class BuildOptions:
     skip_bad: bool = field(default=False, metadata={"help": "skip bad records (listed in manifest and stderr)"})
     batch_size: int = field(default=32, metadata={"min": 1, "help": "auxiliary images per ViT call"})
     shard_size: int = field(default=1024, metadata={"min": 1, "help": "records per targets shard (the unit of resume)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
-    dtype: str = field(default="auto", metadata={"help": "ViT dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
+    device: str = device_option()
+    dtype: str = dtype_option()
     workers: int = field(default=4, metadata={"min": 1, "help": "threads decoding images"})
     decode_pixels: int = field(default=DECODE_PIXELS, metadata={
         "min": 1, "help": "pixels decoded at once over all workers (bounds memory: ~12 bytes each)"})
@@ -94,7 +94,7 @@ class SyntheticOptions:
     test_frac: float = field(default=0.2,
                              metadata={"min": 0, "max": 1, "help": "fraction of examples in raw/test.jsonl"})
     latents: int = field(default=36, metadata={"min": 1, "help": "N latents per span for the build step"})
-    device: str = field(default="auto", metadata={"help": "device for the build step"})
+    device: str = device_option()
     task: str = field(default="classic", metadata={
         "help": "classic: three toy families + a random tiny model + build | base: the tile miniature's single-hop "
                 "data + a random base model + build | tiles: its two-hop demo data (raw/ only: score and build it "
@@ -110,7 +110,7 @@ class ScoreOptions:
     temperature: float = field(default=1.0, metadata={"min": 0, "help": "sampling temperature"})
     max_new_tokens: int = field(default=256, metadata={"min": 1, "help": "token limit per sample"})
     seed: int = field(default=0, metadata={"help": "sampling seed (per record: seed + line)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ... (torchrun: one GPU per rank)"})
+    device: str = device_option()
     min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = the model folder's"})
     max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = the model folder's"})
     workers: int = field(default=4, metadata={"min": 0, "help": "threads decoding and preprocessing the next records' images"})

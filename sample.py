@@ -54,8 +54,8 @@ class SampleOptions:
     temperature: float = field(default=0.0, metadata={"min": 0, "help": "0 = greedy"})
     top_p: float = field(default=1.0, metadata={"above": 0, "max": 1, "help": "nucleus sampling mass"})
     seed: int = field(default=0, metadata={"help": "sampling and noise-latent seed"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:1 ..."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32"})
+    device: str = prepare.device_option()
+    dtype: str = prepare.dtype_option()
     min_pixels: int = field(default=-1, metadata={"help": "smart_resize min_pixels; -1 = gap.json's (the trained "
                                                           "resolution), else preprocessor_config.json's"})
     max_pixels: int = field(default=-1, metadata={"help": "smart_resize max_pixels; -1 = as for min_pixels"})

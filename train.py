@@ -98,7 +98,7 @@ class TrainConfig:
                                            metadata={"help": "recompute blocks in backward (default: on with CUDA)"})
     checkpoint_every: int = field(default=1, metadata={
         "min": 1, "help": "with activation checkpointing, recompute every k-th block only (2: half, selective)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    device: str = prepare.device_option()
     workers: int = field(default=2, metadata={"min": 0,
                                               "help": "DataLoader worker processes (0: load in the training process)"})
     save_every: int = field(default=0, metadata={"min": 0, "help": "checkpoint every N steps (0: only at the end)"})
