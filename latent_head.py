@@ -48,7 +48,7 @@ def k_for(lam, variance):
 class PCABasis(nn.Module):
     """P_k (d, k), mu (d,) as float32 buffers; all d eigenvalues (descending, float64) for k_for / relmse / noise."""
 
-    def __init__(self, P_k, mu, eigenvalues, threshold=0.95):
+    def __init__(self, P_k, mu, eigenvalues, variance=0.95):
         super().__init__()
         d, k = P_k.shape
         if mu.shape != (d,) or eigenvalues.shape != (d,) or not 1 <= k <= d:
@@ -58,7 +58,7 @@ class PCABasis(nn.Module):
         self.register_buffer("mu", mu.float().contiguous())
         # float64 so that k_for() picks the same k as the fit did (the 95% boundary can sit within fp32 rounding)
         self.register_buffer("eigenvalues", eigenvalues.double().contiguous())
-        self.d, self.k, self.threshold = d, k, float(threshold)
+        self.d, self.k, self.variance = d, k, float(variance)   # the explained variance k was picked for
 
     def relmse(self, k=None):
         """Eq. 7: RelMSE(k) = 1 - sum_{i<=k} lambda_i / sum_i lambda_i, the relative error of the k-truncation."""
@@ -75,7 +75,7 @@ class PCABasis(nn.Module):
         return c.float() @ self.P_k.T + self.mu
 
     def save(self, path):
-        meta = {"format": "gap-pca", "d": str(self.d), "k": str(self.k), "threshold": repr(self.threshold),
+        meta = {"format": "gap-pca", "d": str(self.d), "k": str(self.k), "variance": repr(self.variance),
                 "relmse": repr(self.relmse())}
         tensors = {"P_k": self.P_k, "mu": self.mu, "eigenvalues": self.eigenvalues}
         _atomic_save({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, path, meta)
@@ -89,7 +89,7 @@ class PCABasis(nn.Module):
             k, d = int(meta["k"]), int(meta["d"])
             if t["P_k"].shape != (d, k):
                 raise ValueError(f"P_k should be (d={d}, k={k}) per the metadata, found {tuple(t['P_k'].shape)}")
-            basis = cls(t["P_k"], t["mu"], t["eigenvalues"], float(meta.get("threshold", "nan")))
+            basis = cls(t["P_k"], t["mu"], t["eigenvalues"], float(meta.get("variance", "nan")))
         except (KeyError, ValueError) as e:
             raise DataError(f"{path}: bad PCA basis (metadata {meta}): {e}") from None
         return basis.to(device)
@@ -127,7 +127,7 @@ class PCAFitter:
         self.xtx += x.T @ x
 
     @torch.no_grad()
-    def finish(self, threshold=0.95):
+    def finish(self, variance=0.95):
         if self.n < 2:
             raise ValueError(f"PCAFitter: need at least 2 rows to estimate a covariance, found {self.n}")
         m = self.sum / self.n  # mean of the shifted rows
@@ -139,8 +139,8 @@ class PCAFitter:
         # eigh's sign per vector is arbitrary: make the largest-|.| entry positive so fits are reproducible
         idx = V.abs().argmax(0)
         V = V * torch.sign(V[idx, torch.arange(self.dim, device=V.device)])
-        k = k_for(lam, threshold)  # Eq. 7: keeps RelMSE(k) <= 1 - threshold
-        return PCABasis(V[:, :k].cpu(), (self.shift + m).cpu(), lam.cpu(), threshold)
+        k = k_for(lam, variance)  # Eq. 7: keeps RelMSE(k) <= 1 - variance
+        return PCABasis(V[:, :k].cpu(), (self.shift + m).cpu(), lam.cpu(), variance)
 
 
 # ---- heads -----------------------------------------------------------------------------------------------------------
@@ -295,8 +295,8 @@ def latent_loss(pred, target, reduction="mean", over_d="mean"):
     have norm ~50 and d = 3584, so the summed error of an untrained head is ~10^3 x the LM loss and swamps it (in
     this repo's synthetic miniature, with a trained ViT, it starts near 1,500 per latent and the model emits
     garbage at lambda 1). reduction="sum" returns the total over latents so train.py can divide by the global
-    latent count across micro-batches and ranks (a global mean, not a mean of micro-batch means). With no latents at all (every span stripped by tau) it
-    returns a graph-connected zero.
+    latent count across micro-batches and ranks (a global mean, not a mean of micro-batch means). With no latents
+    at all (every span stripped by tau) it returns a graph-connected zero.
     """
     if pred.shape != target.shape:
         raise ValueError(f"latent_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")

@@ -494,7 +494,7 @@ def build(opts):
     basis = fitter.finish(opts.pca_variance)
     basis.save(out / "pca.safetensors")
 
-    manifest.update(pca={"k": basis.k, "threshold": basis.threshold, "relmse": basis.relmse()}, shards=shards,
+    manifest.update(pca={"k": basis.k, "variance": basis.variance, "relmse": basis.relmse()}, shards=shards,
                     target_dim=cfg.vision.out_hidden_size, target_norm=norm_sum / n_rows)
     # written last: its presence marks a finished build
     model.write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")

@@ -32,17 +32,17 @@ def known_data(n=500, offset=100.0, seed=0):
     return z * LAM.sqrt() @ Q.T + mu, Q, mu
 
 
-def fit(x, chunks=1, threshold=0.95):
+def fit(x, chunks=1, variance=0.95):
     f = lh.PCAFitter(x.shape[-1])
     for part in torch.tensor_split(x, chunks):
         f.update(part)
-    return f.finish(threshold)
+    return f.finish(variance)
 
 
 def small_basis(d=16, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(400, d, generator=g) * torch.linspace(2.0, 0.05, d) + torch.randn(d, generator=g)
-    return fit(x, threshold=0.9)
+    return fit(x, variance=0.9)
 
 
 # ---- PCA fit ---------------------------------------------------------------------------------------------------------
@@ -273,12 +273,12 @@ def test_basis_save_load(tmp_path):
     p = tmp_path / "pca.safetensors"
     b.save(p)
     r = lh.PCABasis.load(p)
-    assert (r.k, r.d, r.threshold) == (5, 8, 0.95) and r.relmse() == b.relmse()
+    assert (r.k, r.d, r.variance) == (5, 8, 0.95) and r.relmse() == b.relmse()
     for n in ("P_k", "mu", "eigenvalues"):
         assert torch.equal(getattr(r, n), getattr(b, n))
     bad = tmp_path / "bad.safetensors"
     save_file({"P_k": torch.zeros(8, 5), "mu": torch.zeros(7), "eigenvalues": torch.zeros(8, dtype=torch.float64)},
-              str(bad), metadata={"format": "gap-pca", "d": "8", "k": "5", "threshold": "0.95"})
+              str(bad), metadata={"format": "gap-pca", "d": "8", "k": "5", "variance": "0.95"})
     with pytest.raises(ValueError, match="bad.safetensors.*mu \\(7,\\)"):
         lh.PCABasis.load(bad)
     save_file({"P_k": torch.zeros(8, 5)}, str(bad), metadata={"format": "gap-pca", "d": "8", "k": "5"})
