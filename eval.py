@@ -386,7 +386,7 @@ def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
                     ok, got = score_record(rec, row["text"], opts.scoring, Path(opts.data).stem)
                     f.write(json.dumps({"id": rec["id"], "category": rec["category"], "answer": rec["answer"],
                                         "prediction": row["text"], "extracted": got, "correct": ok, "latency_s": dt,
-                                        "n_latents": sum(s["count"] for s in row["latent_spans"]),
+                                        "latents_fed": sum(s["count"] for s in row["latent_spans"]),
                                         "n_generated": row["n_generated"], "latent_spans": row["latent_spans"]},
                                        ensure_ascii=False) + "\n")
                 f.flush()
@@ -405,7 +405,7 @@ def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
             "accuracy": float(np.mean(scored)) if scored else None,
             "per_category": {c: {"accuracy": float(np.mean(v)), "n": len(v)} for c, v in sorted(cats.items())},
             "latency_s": percentile_stats([p["latency_s"] for p in preds]),
-            "mean_latents": float(np.mean([p["n_latents"] for p in preds])),
+            "mean_latents": float(np.mean([p["latents_fed"] for p in preds])),
             "mean_generated": float(np.mean([p["n_generated"] for p in preds])),
             "samples_per_s": len(preds) / total if total > 0 else None, "predictions": str(path)}
 

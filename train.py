@@ -678,7 +678,7 @@ def log_step(metrics, bar, cfg, gap, records, step, total, sums, counts, every, 
     if metrics is None:
         return
     metrics.write(json.dumps(dict(step=step, lm_loss=lm, latent_loss=lat, valr_loss=valr, lr=lr, grad_norm=gnorm,
-                                  tokens_per_s=tok_s, mfu=mfu, peak_mem_gib=mem, n_latents=n_lat)) + "\n")
+                                  tokens_per_s=tok_s, mfu=mfu, peak_mem_gib=mem, latents_fed=n_lat)) + "\n")
     metrics.flush()
     if step % cfg.log_every == 0 or step == total:
         fields = [f"step {step}/{total}", f"lm {lm:.4f}", f"latent {lat:.4f}"]

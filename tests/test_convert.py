@@ -157,7 +157,7 @@ def _build_and_train(syn, tmp_path, data, n_records, n_spans):
     train.main(cfg)   # global batch 1: one optimizer step per record
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == n_records and all(np.isfinite(r["lm_loss"]) and np.isfinite(r["latent_loss"]) for r in rows)
-    assert sum(r["n_latents"] for r in rows) == 36 * n_spans   # accuracy null: no span is stripped
+    assert sum(r["latents_fed"] for r in rows) == 36 * n_spans   # accuracy null: no span is stripped
 
 
 # ---- the two layouts, end to end ----

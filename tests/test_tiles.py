@@ -84,4 +84,4 @@ def test_base_recipe_short(tmp_path):
                             tau=1.0, global_batch=4, micro_batch=4, epochs=1, device="cpu", stop_after=1)
     train.main(gap)
     row = json.loads((tmp_path / "gap" / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["n_latents"] > 0 and row["latent_loss"] > 0
+    assert row["latents_fed"] > 0 and row["latent_loss"] > 0

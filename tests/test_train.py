@@ -51,7 +51,7 @@ def test_losses_decrease_and_golden_trace(syn, tmp_path):
     rows = metrics(cfg.out)
     lm = [r["lm_loss"] for r in rows]
     lat = [r["latent_loss"] for r in rows]
-    assert all(r["n_latents"] > 0 for r in rows)
+    assert all(r["latents_fed"] > 0 for r in rows)
     first, last = sum(lm[:3]) / 3, sum(lm[-3:]) / 3
     assert last < first - 0.3, (first, last)
     assert sum(lat[-3:]) / 3 < 0.5 * sum(lat[:3]) / 3, lat
@@ -291,7 +291,7 @@ def test_other_heads_train_and_load_in_sample(syn, tmp_path, kind):
     import sample
     cfg = cfg_for(syn, tmp_path / kind, tau=1.0, epochs=1, latent_head=kind)
     train.main(cfg)
-    assert all(r["n_latents"] > 0 for r in metrics(cfg.out))
+    assert all(r["latents_fed"] > 0 for r in metrics(cfg.out))
     bundle = sample.load(cfg.out)
     assert bundle.kind == kind and (kind == "raw") != (Path(cfg.out) / "latent_head.safetensors").exists()
     rec = json.loads((syn / "raw" / "test.jsonl").read_text().splitlines()[0])

@@ -200,14 +200,14 @@ def test_two_stages_lower_repa(syn, prep, tmp_path):
     s1 = train.TrainConfig(model=str(syn / "model"), out=str(tmp_path / "s1"), tau=-1.0, lr=2e-3, head_lr=2e-3,
                            epochs=1, **common)
     train.main(s1)
-    assert all(json.loads(r)["n_latents"] == 0 for r in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines())
+    assert all(json.loads(r)["latents_fed"] == 0 for r in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines())
     s2 = train.TrainConfig(model=s1.out, out=str(tmp_path / "s2"), tau=1.0, lr=1e-3, head_lr=3e-3, epochs=3,
                            repa_layer=2, repa_weight=0.5, warmup_ratio=0.0, **common)
     gap = train.main(s2)
     assert set(gap.valr) == {"a", "b"} and gap.valr["b"].d_target == 24
     rows = [json.loads(r) for r in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     repa = [r["valr_loss"] for r in rows]
-    assert all(r["n_latents"] > 0 and r["latent_loss"] == 0.0 for r in rows)
+    assert all(r["latents_fed"] > 0 and r["latent_loss"] == 0.0 for r in rows)
     assert -1.0 <= min(repa) and max(repa) <= 1.0
     assert sum(repa[-3:]) / 3 < sum(repa[:3]) / 3 - 0.05, repa
     # the output folder generates K-latent blocks in raw mode
@@ -234,7 +234,7 @@ def test_fsdp_two_ranks_equal_one(syn, prep, tmp_path):
     m1, m2 = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two"))
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2):
-        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-5) and a["n_latents"] == b["n_latents"] > 0
+        assert a["lm_loss"] == pytest.approx(b["lm_loss"], rel=1e-5) and a["latents_fed"] == b["latents_fed"] > 0
         assert a["valr_loss"] == pytest.approx(b["valr_loss"], rel=1e-4, abs=1e-6)
 
 
