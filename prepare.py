@@ -25,9 +25,7 @@ import os
 import random
 import re
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import latent_head
 import model
 from model import DataError, data_error
 # moved to their own files; re-exported, so prepare.X keeps working
-from inputs import jsonl_lines  # noqa: F401
+from inputs import PixelBudget, jsonl_lines  # noqa: F401
 from options import (Parser, add_options, check_options, device_option, dtype_option, option_problem,  # noqa: F401
                      print_pixels, resolve_device, resolve_dtype, resolve_pixels, run_main)
 from tokenizer import (CHAT_TEMPLATE, IGNORE, LATENT_PLACEHOLDER, LATENT_TOKENS, QWEN_SPECIAL_TOKENS,  # noqa: F401
@@ -218,37 +216,6 @@ def aux_pixels(path, n_latents, vision):
     return pv, grid
 
 
-class PixelBudget:
-    """Bounds the pixels decoded at once by all worker threads, so build memory follows the images, not the worker
-    count: four 9000x9000 PNGs decoded together held 3.9 GB (~12 bytes a pixel: the decode, RGBA, the composite onto
-    white, RGB). An image larger than the whole budget waits until it can run alone."""
-
-    def __init__(self, limit):
-        self.limit, self.used, self.cond = limit, 0, threading.Condition()
-        # Pillow allocates images in 16 MB blocks, which glibc serves from per-thread arenas and keeps after they
-        # are freed: 4 workers decoding one 81 MP PNG at a time still peaked at 2.4 GB. 64 MB blocks are above
-        # glibc's largest mmap threshold (32 MB), so each is returned to the OS when its image is freed (0.9 GB).
-        # Same as PILLOW_BLOCK_SIZE=64m: https://pillow.readthedocs.io/en/stable/reference/block_allocator.html
-        Image.core.set_block_size(max(Image.core.get_block_size(), 64 << 20))
-
-    @contextmanager
-    def hold(self, path):
-        try:   # the header only: PIL decodes lazily
-            with Image.open(path) as img:
-                n = min(img.width * img.height, self.limit)
-        except Exception:   # unreadable: model.load_image says why, and decodes nothing
-            n = 0
-        with self.cond:
-            self.cond.wait_for(lambda: self.used + n <= self.limit)
-            self.used += n
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.used -= n
-                self.cond.notify_all()
-
-
 def _check_images(rec, opts, vision, budget):
     """Decode the question image (-> number of <|image_pad|>) and every aux image; raises BadRecord."""
     if not os.path.isfile(rec["image"]):
@@ -370,16 +337,15 @@ def write_shard(targets, path, fp):
 # ---- build ----
 
 
-def build(opts):
-    """Validate, tokenize, compute targets, fit the PCA, write the prepared folder. Returns the manifest.
-    --layout valr (VaLR) instead puts a K-latent block before each reasoning step and has no ViT targets and no PCA:
-    its latents are the model's own outputs fed back, aligned by REPA to the --external encoders' features."""
+def build_setup(opts):
+    """Everything that can be wrong with the options, the paths and the model folder, before any record is read.
+    -> (opts with the pixel limits resolved, N per span, external encoder files, device, dtype, config, tokenizer,
+    latent token ids)."""
     import valr   # lazy: valr.py imports this file
     check_options(opts)
-    valr_layout = opts.layout == "valr"
-    n_latents = opts.k if valr_layout else opts.latents
+    n_latents = opts.k if opts.layout == "valr" else opts.latents
     g = math.isqrt(max(opts.latents, 0))
-    if not valr_layout and (opts.latents < 1 or g * g != opts.latents):
+    if opts.layout != "valr" and (opts.latents < 1 or g * g != opts.latents):
         raise DataError(f"--latents {opts.latents}: expected a perfect square (N = g*g latents from a g x g grid "
                         f"of merged patches, e.g. 36)")
     try:
@@ -400,8 +366,12 @@ def build(opts):
     pixels = resolve_pixels(opts.model, opts.min_pixels, opts.max_pixels)
     print_pixels(pixels)
     opts = replace(opts, min_pixels=pixels[0], max_pixels=pixels[1])   # image tokens are counted at these limits
+    return opts, n_latents, externals, device, dtype, cfg, tok, latent_ids
 
-    recs, skipped, n_records = read_records(opts, cfg.vision, valr.layout if valr_layout else None)
+
+def tokenize_records(opts, recs, skipped, tok, cfg, n_latents):
+    """Token ids and labels of every valid record; one longer than the context is one more bad record.
+    -> (kept records, {id: (input_ids, labels)}, skipped sorted by line)."""
     # every example must fit the model's context: positions past max_position_embeddings were never trained
     limit = min(opts.max_length or cfg.text.max_position_embeddings, cfg.text.max_position_embeddings)
     why = "--max-length" if limit == opts.max_length else f"max_position_embeddings of {opts.model}/config.json"
@@ -413,7 +383,79 @@ def build(opts):
             skipped.append({"line": r["line"], "id": r["id"], "field": "length", "reason": f"expected at most "
                             f"{limit} tokens ({why}), found {n} ({r['n_image_tokens']} of them image tokens)"})
     skipped.sort(key=lambda s: s["line"])
-    recs = [r for r in recs if len(examples[r["id"]][0]) <= limit]
+    return [r for r in recs if len(examples[r["id"]][0]) <= limit], examples, skipped
+
+
+def write_records(out, data, opts, recs, examples):
+    """records.jsonl (what train.py reads), after checking that the layout has latent spans where it should."""
+    rows = []
+    for r in recs:
+        input_ids, labels = examples[r["id"]]
+        rows.append({"id": r["id"], "image": r["image"], "input_ids": input_ids, "labels": labels,
+                     "n_spans": r["response"].count(LATENT_PLACEHOLDER), "accuracy": r["accuracy"],
+                     "answer": r["answer"], "question": r["question"], "response": r["response"],
+                     "aux_images": r["aux_images"]})
+    model.write_text_atomic(out / "records.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    if opts.layout == "text" and any(row["n_spans"] for row in rows):
+        first = next(row for row in rows if row["n_spans"])
+        raise DataError(f"{data} (id {first['id']}): response: --layout text expects no {LATENT_PLACEHOLDER}, "
+                        f"found {first['n_spans']}")
+    if opts.layout != "text" and not any(row["n_spans"] for row in rows):
+        raise DataError(f"{data}: no record has a latent span ({LATENT_PLACEHOLDER}"
+                        + (" or a reasoning step" if opts.layout == "valr" else "") + "); nothing to train the "
+                        "latents on")
+    return rows
+
+
+def write_targets(out, opts, recs, cfg, device, dtype):
+    """The latent targets, shard by shard. A shard whose fingerprint matches is kept (resume after a crash); the ViT
+    is only loaded if some shard is missing, and only the tower is kept: the decoder's weights are freed right away.
+    -> shard file names."""
+    with_spans = [r for r in recs if r["aux_images"]]
+    chunks = [with_spans[i:i + opts.shard_size] for i in range(0, len(with_spans), opts.shard_size)]
+    shards, visual = [], None
+    bar = tqdm(total=sum(len(r["aux_images"]) for r in with_spans), desc="targets", unit="img")
+    for i, chunk in enumerate(chunks):
+        name, fp = f"targets-{i:05d}.safetensors", _fingerprint(chunk, opts, dtype)
+        shards.append(name)
+        if _shard_is_done(out / name, fp):
+            bar.update(sum(len(r["aux_images"]) for r in chunk))
+            continue
+        if visual is None:
+            visual = model.load_pretrained(opts.model, dtype=dtype, device=device).visual
+        write_shard(shard_targets(visual, chunk, opts, cfg.vision, device, dtype, bar), out / name, fp)
+    bar.close()
+    for stale in out.glob("targets-*.safetensors*"):   # leftovers of an earlier, larger build or a crashed write
+        if stale.name not in shards:
+            stale.unlink()
+    return shards
+
+
+def fit_pca(out, shards, dim, variance, device):
+    """PCA over every target row (Eq. 1), streamed shard by shard; fp32 rows into a float64 accumulator. Also the
+    mean L2 norm of the targets: the vision-norm regime the latents must live in. -> (basis, mean norm)."""
+    fitter = latent_head.PCAFitter(dim)
+    norm_sum, n_rows = 0.0, 0
+    for name in tqdm(shards, desc="pca", unit="shard", disable=len(shards) < 2):
+        with safe_open(str(out / name), framework="pt") as f:
+            rows = torch.cat([f.get_tensor(k).reshape(-1, dim) for k in f.keys()])    # (n_targets, d)
+        fitter.update(rows.to(device).float())
+        norm_sum, n_rows = norm_sum + float(rows.float().norm(dim=-1).sum()), n_rows + rows.shape[0]
+    basis = fitter.finish(variance)
+    basis.save(out / "pca.safetensors")
+    return basis, norm_sum / n_rows
+
+
+def build(opts):
+    """Validate, tokenize, compute targets, fit the PCA, write the prepared folder. Returns the manifest.
+    --layout valr (VaLR) instead puts a K-latent block before each reasoning step and has no ViT targets and no PCA:
+    its latents are the model's own outputs fed back, aligned by REPA to the --external encoders' features."""
+    import valr   # lazy: valr.py imports this file
+    # ---- options, paths, model folder; then every record, checked before anything is written ----
+    opts, n_latents, externals, device, dtype, cfg, tok, latent_ids = build_setup(opts)
+    out, data = Path(opts.out), Path(opts.data)
+    recs, skipped, n_records = read_records(opts, cfg.vision, valr.layout if opts.layout == "valr" else None)
+    recs, examples, skipped = tokenize_records(opts, recs, skipped, tok, cfg, n_latents)
     for s in skipped:
         print(format_bad(data, s), file=sys.stderr)
     if skipped and not opts.skip_bad:
@@ -422,24 +464,11 @@ def build(opts):
     if not recs:
         raise data_error(data, "records", "expected at least one usable record, found none")
 
+    # ---- the records, and the external encoder features (before the slow ViT pass, so a bad file fails fast) ----
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)   # the manifest marks a complete build: not until the end
     tok.save(str(out / "tokenizer.json"))
-    rows = []
-    for r in recs:
-        input_ids, labels = examples[r["id"]]
-        rows.append({"id": r["id"], "image": r["image"], "input_ids": input_ids, "labels": labels,
-                     "n_spans": r["response"].count(LATENT_PLACEHOLDER), "accuracy": r["accuracy"], "answer": r["answer"],
-                     "question": r["question"], "response": r["response"], "aux_images": r["aux_images"]})
-    model.write_text_atomic(out / "records.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    if opts.layout == "text" and any(row["n_spans"] for row in rows):
-        first = next(row for row in rows if row["n_spans"])
-        raise DataError(f"{data} (id {first['id']}): response: --layout text expects no {LATENT_PLACEHOLDER}, "
-                        f"found {first['n_spans']}")
-    if opts.layout != "text" and not any(row["n_spans"] for row in rows):
-        raise DataError(f"{data}: no record has a latent span ({LATENT_PLACEHOLDER}"
-                        + (" or a reasoning step" if valr_layout else "") + "); nothing to train the latents on")
-    # external encoder features (checked before the slow ViT pass, so a bad file fails fast)
+    rows = write_records(out, data, opts, recs, examples)
     blocks = [(row["id"], row["n_spans"]) for row in rows if row["n_spans"]]
     try:
         external = {name: valr.store_external(name, path, blocks, out, opts.shard_size)
@@ -458,44 +487,14 @@ def build(opts):
         model.write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         print(f"build: kept {len(recs)}/{n_records} records ({len(skipped)} skipped), " + (
               f"{manifest['n_spans']} blocks of K={n_latents} latents, external encoders {sorted(external) or 'none'}"
-              if valr_layout else "plain text") + f" -> {out}")
+              if opts.layout == "valr" else "plain text") + f" -> {out}")
         return manifest
 
-    # Targets, shard by shard. A shard whose fingerprint matches is kept (resume after a crash); the ViT is only
-    # loaded if some shard is missing. Only the tower is kept: the decoder's weights are freed right away.
-    with_spans = [r for r in recs if r["aux_images"]]
-    chunks = [with_spans[i:i + opts.shard_size] for i in range(0, len(with_spans), opts.shard_size)]
-    shards, visual = [], None
-    bar = tqdm(total=sum(len(r["aux_images"]) for r in with_spans), desc="targets", unit="img")
-    for i, chunk in enumerate(chunks):
-        name, fp = f"targets-{i:05d}.safetensors", _fingerprint(chunk, opts, dtype)
-        shards.append(name)
-        if _shard_is_done(out / name, fp):
-            bar.update(sum(len(r["aux_images"]) for r in chunk))
-            continue
-        if visual is None:
-            visual = model.load_pretrained(opts.model, dtype=dtype, device=device).visual
-        write_shard(shard_targets(visual, chunk, opts, cfg.vision, device, dtype, bar), out / name, fp)
-    bar.close()
-    for stale in out.glob("targets-*.safetensors*"):   # leftovers of an earlier, larger build or a crashed write
-        if stale.name not in shards:
-            stale.unlink()
-    del visual
-
-    # PCA over every target row (Eq. 1), streamed shard by shard; fp32 rows into a float64 accumulator.
-    # Also the mean L2 norm of the targets: the vision-norm regime latents must live in (EMA calibration seed).
-    fitter = latent_head.PCAFitter(cfg.vision.out_hidden_size)
-    norm_sum, n_rows = 0.0, 0
-    for name in tqdm(shards, desc="pca", unit="shard", disable=len(shards) < 2):
-        with safe_open(str(out / name), framework="pt") as f:
-            rows_ = torch.cat([f.get_tensor(k).reshape(-1, cfg.vision.out_hidden_size) for k in f.keys()])
-        fitter.update(rows_.to(device).float())
-        norm_sum, n_rows = norm_sum + float(rows_.float().norm(dim=-1).sum()), n_rows + rows_.shape[0]
-    basis = fitter.finish(opts.pca_variance)
-    basis.save(out / "pca.safetensors")
-
+    # ---- GAP: the latent targets through the frozen ViT, then the PCA basis over them ----
+    shards = write_targets(out, opts, recs, cfg, device, dtype)
+    basis, target_norm = fit_pca(out, shards, cfg.vision.out_hidden_size, opts.pca_variance, device)
     manifest.update(pca={"k": basis.k, "variance": basis.variance, "relmse": basis.relmse()}, shards=shards,
-                    target_dim=cfg.vision.out_hidden_size, target_norm=norm_sum / n_rows)
+                    target_dim=cfg.vision.out_hidden_size, target_norm=target_norm)
     # written last: its presence marks a finished build
     model.write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     print(f"build: kept {len(recs)}/{n_records} records ({len(skipped)} skipped), {manifest['n_spans']} spans in "

@@ -8,6 +8,7 @@ import json
 import runpy
 import shutil
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -297,7 +298,7 @@ def test_build_decodes_within_a_pixel_budget(syn, tmp_path, monkeypatch):
     """Memory follows the pixels in flight, not the worker count: with a budget smaller than any image, 4 workers
     decode one image at a time (an image over the budget runs alone)."""
     recs = _good_lines(syn, 6)
-    busy, peak, lock = [0], [0], prepare.threading.Lock()
+    busy, peak, lock = [0], [0], threading.Lock()
     real = prepare.model.load_image
 
     def load_image(path):
