@@ -12,11 +12,11 @@ LATENTS ?= 4
 BASE ?= checkpoints/tiles-base
 BASE_DATA ?= data/tiles-base
 BASE_N ?= 3000
-BASE_EPOCHS2 ?= 3
+BASE_EPOCHS2 ?= 24
 # The tiny models learn in minutes only with a far larger lr and smaller batch than the paper's 7B recipe.
 BASE_TRAIN ?= --latent-head raw --global-batch 16 --micro-batch 16 --lr 3e-3 --head-lr 3e-3 --epochs 2 \
   --warmup-ratio 0.05 --log-every 50
-DEMO_TRAIN ?= --global-batch 16 --micro-batch 16 --lr 3e-3 --head-lr 3e-3 --epochs 2 --warmup-ratio 0.05 --log-every 50
+DEMO_TRAIN ?= --global-batch 16 --micro-batch 16 --lr 3e-3 --head-lr 3e-3 --epochs 8 --warmup-ratio 0.05 --log-every 50
 DEMO_EVAL ?= --batch-size 50 --max-new-tokens 48
 
 .venv/ok: requirements.txt requirements-dev.txt requirements-oracle.txt

@@ -665,10 +665,10 @@ def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, 
 # ---------------------------------------------------------------------------------------------------------------
 # ---- the oracle-latent probe ----
 # Can the model *read* a latent span? Feed every span the true auxiliary-image embeddings (the targets prepare.py
-# computed) under teacher forcing, and count a record as solved when every supervised token after its last span
-# (the rest of the reasoning and the answer) is the argmax. feed="none" strips the spans from the same records:
-# the same text, no visual evidence. Oracle well above none means hop 2 works on real latents, so any gap left
-# between GAP's own latents and the oracle is hop 1 (producing them).
+# computed) under teacher forcing, and count a record as solved when every supervised token from the one that
+# completes "<answer>" to the end (the answer, "</answer>", the stop token) is the argmax. feed="none" strips the
+# spans from the same records: the same text before the answer, no visual evidence. Oracle well above none means
+# hop 2 works on real latents, so any gap left between GAP's own latents and the oracle is hop 1 (producing them).
 
 
 def oracle_probe(m, prepared, feed="oracle", limit=0, batch_size=32):
@@ -680,15 +680,16 @@ def oracle_probe(m, prepared, feed="oracle", limit=0, batch_size=32):
     recs = train.Records(prepared, tau=1.0 if feed == "oracle" else -1.0)
     idx = [i for i in range(len(keep)) if keep.start_id in keep.raw(i)[0]]
     idx = idx[:limit] if limit > 0 else idx
-    device, hits = next(m.parameters()).device, []
+    device, hits, tok = next(m.parameters()).device, [], prepare.load_tokenizer(prepared)
     for j in tqdm(range(0, len(idx), batch_size), desc=f"oracle probe ({feed})", leave=False):
         rows = idx[j:j + batch_size]
-        # the tail: supervised tokens after the last <|latent_end|>, the same tokens with or without the spans
+        # the tail: the shortest suffix of supervised tokens that decodes to text holding "<answer>" (the same
+        # tokens with or without the spans: they all follow the last span)
         tails = []
         for i in rows:
-            ids, labels = (x.tolist() for x in keep.raw(i))
-            last = len(ids) - 1 - ids[::-1].index(keep.end_id)
-            tails.append(sum(t != prepare.IGNORE for t in labels[last + 1:]))
+            sup = [t for t in keep.raw(i)[1].tolist() if t != prepare.IGNORE]
+            n = next((n for n in range(1, len(sup) + 1) if "<answer>" in tok.decode(sup[-n:])), len(sup))
+            tails.append(n)
         b = train.collate([recs.get(i) for i in rows], m.cfg, recs.pad_id, recs.pixels)
         b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
         with torch.no_grad():
