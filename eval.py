@@ -327,6 +327,7 @@ def prefetched(fn, items, workers):
         yield from ((item, fn(item)) for item in items)
         return
     with ThreadPoolExecutor(workers) as pool:
+        # a bounded queue of futures: at most `workers` items decoded ahead, results handed out in input order
         queue = deque()
         for item in items:
             queue.append((item, pool.submit(fn, item)))
@@ -431,6 +432,7 @@ def parse_list(s, cast, what):
 def evaluate(opts, bundle=None):
     """The intervention table (modes at the folder's N) and the budget sweep (N at the sweep mode). -> results
     (on rank 0; None on the other ranks of a torchrun)."""
+    # ---- setup: processes, the model folder, the records, how answers are scored, which modes can run ----
     prepare.check_options(opts)
     rank, world, device = dist_setup(opts.device)
     bundle = bundle or sample.load(opts.model, prepare.resolve_dtype(opts.dtype, device), device, opts.min_pixels,
@@ -462,6 +464,7 @@ def evaluate(opts, bundle=None):
         sample.check_mode(bundle, sweep_mode)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    # ---- the runs: untimed warm-up, the intervention table (every mode at the folder's N), the budget sweep ----
     # untimed warm-up on the first batch: allocator growth, kernel selection and, on CUDA, compiling the decode step
     # and capturing its CUDA graphs (the first cache-length bucket) are not charged to the first samples
     first = records[:opts.batch_size]
@@ -480,6 +483,7 @@ def evaluate(opts, bundle=None):
     budget = [{**(run(sweep_mode, n) or {}), "latents": n} for n in tqdm(sweep, desc="sweep", disable=rank != 0)]
     if rank != 0:
         return None
+    # ---- results.json and the two tables ----
     results = {"model": str(opts.model), "data": str(opts.data), "n_records": len(records),
                "n_latents": bundle.n_latents, "ema_norm": opts.ema_norm, "intervention": intervention,
                "image_min_pixels": bundle.pixels[0], "image_max_pixels": bundle.pixels[1],
@@ -533,12 +537,14 @@ def norm_profile(bundle, records):
             ids = prepare.prompt_ids(bundle.tok, rec["question"], n_img)
         input_ids = torch.tensor([ids], device=dev)
         grid = grid.to(dev)
+        # one record at a time, teacher-forced (no generation): every layer's output at every position is measured
         x = m.embed(input_ids, pixel_values.to(dev), grid)                     # (1, T, D)
         pos, _ = m.position_ids(input_ids, grid)
         h, layers = m.decode(x, pos, return_layers=True)                       # h̄ (1, T, D), L + 1 x (1, T, D)
         is_img = input_ids[0] == m.cfg.image_token_id
         where = {"text": ~is_img, "vision": is_img}
         for l, y in enumerate(layers):
+            # log norms, so that the mean +- std band of Fig. 2a is symmetric over orders of magnitude
             n = y[0].float().norm(dim=-1)                                       # (T,)
             for k, sel in where.items():
                 logs[k][l].append(n[sel].log().cpu())
@@ -566,7 +572,7 @@ def norm_profile(bundle, records):
 
 def plot_norms(prof, path):
     import matplotlib                                  # lazily: only this subcommand needs it
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")                              # no display: write the PNG only
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     ls = [r["layer"] for r in prof["log_norm_layers"]]
@@ -629,6 +635,7 @@ def score_file(model_dir, data_file, samples=8, out_file=None, temperature=1.0, 
     records = read_jsonl(data_file)
     line_of = {r["id"]: i for i, r in enumerate(records)}
     scored = {}                                               # record index -> scored row
+    # resume: read what an earlier (possibly crashed) run wrote; bytes, so that a cut UTF-8 character is one bad line
     if out_file.exists():
         for lineno, line in enumerate(out_file.read_bytes().split(b"\n"), 1):
             try:

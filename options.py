@@ -96,6 +96,10 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message.removeprefix('argument ')}\n")
 
 
+# Exit codes: 2 for a bad option (argparse's convention, from Parser.error), 1 for any other expected failure;
+# a bug keeps its traceback and Python's own exit code 1.
+
+
 def run_main(main, argv=None):
     """Every script's door: main(argv); a DataError or OSError ends in one line on stderr and exit code 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -144,6 +148,7 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device):
+    # auto: bf16 on CUDA (the checkpoints' own dtype, half the memory), fp32 on CPU (bf16 matmuls are slow or emulated on most CPUs)
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
