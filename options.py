@@ -148,7 +148,8 @@ def resolve_device(name):
 
 
 def resolve_dtype(name, device):
-    # auto: bf16 on CUDA (the checkpoints' own dtype, half the memory), fp32 on CPU (bf16 matmuls are slow or emulated on most CPUs)
+    # auto: bf16 on CUDA (the checkpoints' own dtype, half the memory), fp32 on CPU (bf16 matmuls are slow or
+    # emulated on most CPUs)
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
