@@ -241,6 +241,7 @@ def read_records(opts, vision, layout=None):
     """Validate every line of opts.data -> (good records with n_image_tokens, skipped, n_records). Blank lines
     are not records; every other line is either kept or reported. layout: see _check_fields."""
     path, good, skipped, seen = Path(opts.data), [], [], {}
+    # pass 1, cheap and in order: JSON, fields, tags, ids; pass 2 below decodes the images of what survived
     for lineno, line in jsonl_lines(path):
         obj, rid = None, None
         try:
@@ -267,6 +268,7 @@ def read_records(opts, vision, layout=None):
             return e
     with ThreadPoolExecutor(max(1, opts.workers)) as pool:
         results = list(tqdm(pool.map(check, good), total=len(good), desc="check images", disable=len(good) < 64))
+    # every problem is reported with its line, in file order, whichever pass found it
     kept = []
     for (lineno, rec), r in zip(good, results):
         if isinstance(r, BadRecord):
@@ -278,6 +280,7 @@ def read_records(opts, vision, layout=None):
 
 
 def format_bad(path, s):
+    # a skipped record as the one-line error layout: "<file> line N (id X): <field>: <reason>"
     return str(data_error(path, s["field"], s["reason"], line=s["line"], rid=s["id"]))
 
 
@@ -294,6 +297,7 @@ def _fingerprint(recs, opts, dtype):
 
 
 def _shard_is_done(path, fp):
+    # the fingerprint sits in the shard's own safetensors metadata: a shard cut short by a crash has none
     try:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("fingerprint") == fp
@@ -312,6 +316,7 @@ def shard_targets(visual, recs, opts, vision, device, dtype, progress=None):
             return aux_pixels(path, opts.latents, vision)
     out = []
     with ThreadPoolExecutor(max(1, opts.workers)) as pool:
+        # --batch-size aux images per ViT call, each batch decoded in parallel on the thread pool first
         for s in range(0, len(paths), opts.batch_size):
             items = list(pool.map(pixels, paths[s:s + opts.batch_size]))
             pv = torch.cat([p for p, _ in items]).to(device=device, dtype=dtype)   # (B * 4N, 1176)
