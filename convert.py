@@ -104,6 +104,8 @@ def read_records(path):
 
 def _read_array(f, buf, path):
     """The values of a top-level JSON array, one at a time, via json's raw_decode on a sliding buffer."""
+    # a small state machine over a sliding text buffer: `expect` is what may come next (a value, or ", or ]" after
+    # one), `line` the line the next record starts on (for error messages), `pos` the first unparsed character
     dec, pos = json.JSONDecoder(), buf.index("[") + 1
     line, eof, index, expect = 1 + buf.count("\n", 0, pos), False, 0, "value or ]"
 
@@ -122,7 +124,7 @@ def _read_array(f, buf, path):
             refill()
             continue
         c = buf[pos]
-        if c == "]" and expect != "value":
+        if c == "]" and expect != "value":   # not right after a comma: a trailing comma is invalid JSON
             return
         if expect == ", or ]":
             if c != ",":
