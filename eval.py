@@ -489,9 +489,17 @@ def evaluate(opts, bundle=None):
                "image_min_pixels": bundle.pixels[0], "image_max_pixels": bundle.pixels[1],
                "sweep_mode": sweep_mode if sweep else None, "sweep": budget}
     model.write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    print_tables(results)
+    print(f"\nwrote {out / 'results.json'}")
+    return results
+
+
+def print_tables(results):
+    """The intervention table (per category when there are several) and the budget sweep, from results.json."""
+    intervention, budget = results["intervention"], results["sweep"]
     lat = lambda r: r["latency_s"]["mean"]
-    print(f"\nintervention table ({len(records)} records, N={bundle.n_latents}"
-          f"{', ema-norm' if opts.ema_norm else ''})")
+    print(f"\nintervention table ({results['n_records']} records, N={results['n_latents']}"
+          f"{', ema-norm' if results['ema_norm'] else ''})")
     cats = sorted({c for r in intervention for c in r["per_category"]})
     per_cat = [(c, lambda r, c=c: r["per_category"].get(c, {}).get("accuracy", float("nan")), "{:.3f}")
                for c in cats] if len(cats) > 1 else []
@@ -499,11 +507,9 @@ def evaluate(opts, bundle=None):
                                       ("latency_s", lat, "{:.3f}"), ("p90_s", lambda r: r["latency_s"]["p90"], "{:.3f}"),
                                       ("latents/sample", "mean_latents", "{:.1f}")]))
     if budget:
-        print(f"\nbudget sweep (mode {sweep_mode}; 0 = zero)")
+        print(f"\nbudget sweep (mode {results['sweep_mode']}; 0 = zero)")
         print(format_table(budget, [("latents", "latents", "{}"), ("accuracy", "accuracy", "{:.4f}"),
                                     ("latency_s", lat, "{:.3f}"), ("latents/sample", "mean_latents", "{:.1f}")]))
-    print(f"\nwrote {out / 'results.json'}")
-    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
