@@ -497,14 +497,12 @@ def train_batch(cfg, opts, device):
 
 def ours_trainer(cfg, opts, device, variant):
     """train.GAP on random weights with train.py's precision for the device, -> (step function, n trained params)."""
-    import latent_head
     import train
     cuda, (ac, comp) = device.type == "cuda", variant
     vlm = build_ours(cfg, torch.float32, device, opts.seed).train()           # fp32 master weights
     for p in vlm.visual.parameters():
         p.requires_grad_(False)                                               # frozen, as train.py's default
-    k = max(1, round(0.18 * cfg.text.hidden_size))
-    head = latent_head.PCAHead(random_basis(cfg.text.hidden_size, k, opts.seed), cfg.text.hidden_size).to(device)
+    head = random_head(cfg, device, opts.seed)[0]                           # no dropout: eval mode is train mode
     tcfg = train.TrainConfig(activation_checkpointing=ac, compile=comp)
     train.speedups(vlm, tcfg, cuda)
     gap = train.GAP(vlm, head)
@@ -526,13 +524,7 @@ def ours_trainer(cfg, opts, device, variant):
 
 def hf_trainer(m, cfg, opts, device):
     """transformers' Qwen2_5_VLForConditionalGeneration on m's weights: loss from labels, backward, AdamW."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(m, tmp)
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
-    hf = hf.to(device).train()
+    hf = load_hf(m, torch.float32, device).train()
     for p in hf.model.visual.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
