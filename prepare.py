@@ -526,10 +526,10 @@ def score(opts):
 # ---- synthetic dataset: three toy tasks in the spirit of the paper ----
 # Each example's question needs a detail that is hard to read off the small question image; its auxiliary image
 # makes that detail explicit (objects of one colour highlighted, a tiny region zoomed in, one object isolated on a
-# blank canvas), which is exactly what a latent span is meant to carry. `accuracy` is a stand-in for base-model
-# scoring (the `score` placeholder above): 0.0 when the generator made the example hard (many objects, an 8 px
-# letter, many decoys, the two objects in neighbouring rows/columns), else 1.0 -- about half each. train.py keeps
-# the latent spans of records with accuracy <= tau (hard ones) and strips them from the rest.
+# blank canvas), which is exactly what a latent span is meant to carry. `accuracy` stands in for `prepare.py score`
+# with a trained base model: 0.0 when the generator made the example hard (many objects, an 8 px letter, many
+# decoys, the two objects in neighbouring rows/columns), else 1.0 -- about half each. train.py keeps the latent
+# spans of records with accuracy <= tau (hard ones) and strips them from the rest.
 
 COLORS = {"red": (220, 40, 40), "green": (30, 150, 60), "blue": (40, 80, 220), "yellow": (225, 190, 20),
           "purple": (140, 60, 180), "orange": (240, 130, 30)}
@@ -562,6 +562,7 @@ def _canvas(S):
 
 
 def _count(rng, S):
+    # k shapes of the asked colour among d distractors of other colours
     color, k, d = rng.choice(sorted(COLORS)), rng.randint(1, 6), rng.randint(0, 8)
     others, r = [c for c in sorted(COLORS) if c != color], S / GRID * rng.uniform(0.25, 0.38)
     (img, di), (aux, da) = _canvas(S), _canvas(S)
@@ -574,10 +575,11 @@ def _count(rng, S):
     resp = (f"<think>I need to count the {color} shapes. {LATENT_PLACEHOLDER} <parser>the aux image keeps the "
             f"{color} shapes and greys out the rest: I count {k}</parser> so there are {k} {color} shapes."
             f"</think><answer>{k}</answer>")
-    return img, [aux], q, resp, str(k), k >= 5 or d >= 7
+    return img, [aux], q, resp, str(k), k >= 5 or d >= 7   # hard: many to count, or many distractors
 
 
 def _search(rng, S):
+    # one letter in a small coloured frame, grey decoy letters without a frame, faint clutter shapes
     fs, frame, letter = rng.choice((8, 10, 12)), rng.choice(sorted(COLORS)), rng.choice(LETTERS)
     # Pillow's embedded font: the same glyphs on every machine, no font files needed
     font, side, n_decoys, n_clutter = ImageFont.load_default(size=fs), fs + 6, rng.randint(0, 6), rng.randint(2, 7)
@@ -597,10 +599,11 @@ def _search(rng, S):
     resp = (f"<think>The {frame} square is too small to read at this size. {LATENT_PLACEHOLDER} <parser>the aux "
             f"image zooms into the {frame} square and shows the letter {letter}</parser> so the letter is {letter}."
             f"</think><answer>{letter}</answer>")
-    return img, [aux], q, resp, letter, fs == 8 or n_decoys >= 5
+    return img, [aux], q, resp, letter, fs == 8 or n_decoys >= 5   # hard: an 8 px font, or many decoys
 
 
 def _spatial(rng, S):
+    # two named objects (colour + shape) and d decoys; the question compares their columns (x) or rows (y)
     combos = [(c, s) for c in sorted(COLORS) for s in SHAPES]
     (a, b), axis, d = rng.sample(combos, 2), rng.choice("xy"), rng.randint(1, 6)
     pos = lambda k: k % GRID if axis == "x" else k // GRID   # column or row of a cell
@@ -628,7 +631,8 @@ def _spatial(rng, S):
     resp = (f"<think>First I find the {na}. {LATENT_PLACEHOLDER} <parser>the first aux image shows the {na} "
             f"{where[0]}</parser> Then the {nb}. {LATENT_PLACEHOLDER} <parser>the second aux image shows the {nb} "
             f"{where[1]}</parser> so the {na} is {rel} the {nb}.</think><answer>{'yes' if yes else 'no'}</answer>")
-    return img, auxes, q, resp, "yes" if yes else "no", abs(ka - kb) == 1
+    hard = abs(ka - kb) == 1   # the two objects in neighbouring rows / columns
+    return img, auxes, q, resp, "yes" if yes else "no", hard
 
 
 FAMILIES = {"count": _count, "search": _search, "spatial": _spatial}
