@@ -1,8 +1,8 @@
 """train.py: losses go down (with a short golden trace), stripping by tau, DDP/FSDP == one rank, exact and crash-safe
 resume, chunked loss, non-finite stop, data order and balancing, MFU, bad input."""
+import dataclasses
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -132,8 +132,13 @@ def test_resume_is_exact(syn, uninterrupted, tmp_path, capsys):
 
 
 def run_with_kill_hook(cfg, where):
-    os.environ["GAP_TEST_KILL_AT"] = where
-    train.main(cfg)
+    """train.main(cfg) in a fresh interpreter whose GAP_TEST_KILL_AT hook SIGKILLs it at `where`. A fresh process,
+    not a fork: forking pytest (torch's thread pools, threads left by earlier tests) can deadlock the child on a lock
+    some other thread held at the fork."""
+    code = "import json, sys, train; train.main(train.TrainConfig(**json.loads(sys.argv[1])))"
+    env = {**os.environ, "GAP_TEST_KILL_AT": where, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code, json.dumps(dataclasses.asdict(cfg))], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("point", ["mid-save", "swap"])
@@ -143,10 +148,8 @@ def test_kill_9_during_a_save_then_resume(syn, uninterrupted, tmp_path, point):
     is bit-identical to the uninterrupted run, with every step logged exactly once."""
     out = tmp_path / "k"
     cfg = cfg_for(syn, out, scheduled_sampling=0.5, save_every=4)
-    child = multiprocessing.get_context("fork").Process(target=run_with_kill_hook, args=(cfg, f"{point}:8"))
-    child.start()   # a forked child: torch is imported already, and SIGKILL ends it like kill -9 ends a run
-    child.join(300)
-    assert child.exitcode == -signal.SIGKILL
+    child = run_with_kill_hook(cfg, f"{point}:8")   # SIGKILL ends it like kill -9 ends a run
+    assert child.returncode == -signal.SIGKILL, child.stderr
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     if point == "mid-save":    # the new one half-written under its temporary name, the old one whole
         assert names == ["step-00000004", "tmp-step-00000008"], names
