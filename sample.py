@@ -396,28 +396,12 @@ def get_trunk(bundle, compile=None):
 # ---- generation ----
 
 
-@torch.no_grad()
-def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperature=0.0, top_p=1.0, n_latents=None,
-             ema_norm=False, seed=0, debug=False, n_samples=1, prompts=None, compile=None):
-    """Batched generation. images: PIL images or paths; questions: strings (or prompts: encode_prompts' output,
-    prepared ahead, e.g. on a thread pool, with images and questions None). n_samples > 1 prefills each prompt once
-    and copies its cache rows: the result then holds n_samples rows per prompt, prompt-major. compile: see get_trunk.
-    Returns one dict per row: {"text" (spans as "<latent>"), "token_ids" (latent positions as <|latent_pad|>),
-    "latent_spans": [{"count", "mean_norm"}], "n_generated" (positions, latents included)}; debug=True adds "hidden"
-    and "latents" tensors."""
-    check_mode(bundle, mode)
-    m, dev = bundle.model, bundle.device
-    N = bundle.n_latents if n_latents is None else int(n_latents)
-    if N < 0 or max_new_tokens < 1 or n_samples < 1 or not (temperature >= 0 and 0 < top_p <= 1):
-        raise ValueError(f"n_latents must be >= 0, max_new_tokens and n_samples >= 1, temperature >= 0 and 0 < top_p "
-                         f"<= 1 (got {N}, {max_new_tokens}, {n_samples}, {temperature}, {top_p})")
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    rows = prompts if prompts is not None else encode_prompts(bundle, images, questions)
-    trunk = get_trunk(bundle, compile)
-    n, Bu = n_samples, len(rows)
-    B = Bu * n
-
-    # ---- left-padded prefill, once per prompt ----
+def prefill(bundle, rows, n_samples, max_new_tokens, ema_norm):
+    """The prompts through the trunk once, left-padded so every row's last prompt token sits at slot T0 - 1 and the
+    decode steps write the same slot for all rows. Allocates the KV cache generate decodes into (released by its
+    caller), n_samples cache rows per prompt. Returns h̄ (B, D) at the last slot, its logits (B, V) in fp32, the
+    cache mask (B, S), rope_deltas (B,), the per-row EMANorm (or None) and T0."""
+    m, dev, n, Bu = bundle.model, bundle.device, n_samples, len(rows)
     T0 = max(len(r[0]) for r in rows)
     input_ids = torch.full((Bu, T0), bundle.ids["endoftext"], dtype=torch.long)
     mask = torch.zeros(Bu, T0, dtype=torch.long)
@@ -431,15 +415,37 @@ def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperat
     pos, rope_deltas = m.position_ids(input_ids, grid, mask)                    # (3, Bu, T0), (Bu,)
     ema = image_ema(bundle, x, input_ids, n) if ema_norm else None
     S = kv_bucket(T0 + max_new_tokens)                                          # every slot we can ever write
-    m.setup_cache(B, S, device=dev)
+    m.setup_cache(Bu * n, S, device=dev)
     # later slots are real for every row (finished rows write harmless pads); causality hides future slots
     cache_mask = torch.cat([mask, torch.ones(Bu, S - T0, dtype=mask.dtype, device=dev)], dim=1)  # (Bu, S)
+    h = m.decode(x, pos, cache_mask, input_pos=torch.arange(T0, device=dev))[:, -1]   # (Bu, D) h̄ at the last slot
+    if n > 1:                                       # prompt b's cache rows -> rows b*n .. b*n + n - 1
+        m.spread_cache(n, T0)
+        h, cache_mask, rope_deltas = (t.repeat_interleave(n, dim=0) for t in (h, cache_mask, rope_deltas))
+    return h, m.lm_head(h).float(), cache_mask, rope_deltas, ema, T0            # logits (B, V)
+
+
+@torch.no_grad()
+def generate(bundle, images, questions, mode="pca", max_new_tokens=256, temperature=0.0, top_p=1.0, n_latents=None,
+             ema_norm=False, seed=0, debug=False, n_samples=1, prompts=None, compile=None):
+    """Batched generation. images: PIL images or paths; questions: strings (or prompts: encode_prompts' output,
+    prepared ahead, e.g. on a thread pool, with images and questions None). n_samples > 1 prefills each prompt once
+    and copies its cache rows: the result then holds n_samples rows per prompt, prompt-major. compile: see get_trunk.
+    Returns one dict per row: {"text" (spans as "<latent>"), "token_ids" (latent positions as <|latent_pad|>),
+    "latent_spans": [{"count", "mean_norm"}], "n_generated" (positions, latents included)}; debug=True adds "hidden"
+    and "latents" tensors."""
+    check_mode(bundle, mode)
+    dev = bundle.device
+    N = bundle.n_latents if n_latents is None else int(n_latents)
+    if N < 0 or max_new_tokens < 1 or n_samples < 1 or not (temperature >= 0 and 0 < top_p <= 1):
+        raise ValueError(f"n_latents must be >= 0, max_new_tokens and n_samples >= 1, temperature >= 0 and 0 < top_p "
+                         f"<= 1 (got {N}, {max_new_tokens}, {n_samples}, {temperature}, {top_p})")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    rows = prompts if prompts is not None else encode_prompts(bundle, images, questions)
+    trunk = get_trunk(bundle, compile)
     try:
-        h = m.decode(x, pos, cache_mask, input_pos=torch.arange(T0, device=dev))[:, -1]   # (Bu, D) h̄ at the last slot
-        if n > 1:                                   # prompt b's cache rows -> rows b*n .. b*n + n - 1
-            m.spread_cache(n, T0)
-            h, cache_mask, rope_deltas = (t.repeat_interleave(n, dim=0) for t in (h, cache_mask, rope_deltas))
-        logits = m.lm_head(h).float()                                           # (B, V)
+        h, logits, cache_mask, rope_deltas, ema, T0 = prefill(bundle, rows, n_samples, max_new_tokens, ema_norm)
+        B, S = h.shape[0], cache_mask.shape[1]
 
         # ---- decode: one position per row per step, text and latent rows in the same step ----
         state, bias = LoopState(B, dev), logit_bias(bundle, mode, dev)
