@@ -443,6 +443,21 @@ def save_checkpoint(gap, opt, cfg, step, rank, world, device):
     barrier(world)
 
 
+class DCPMetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint reads a checkpoint's .metadata with a plain pickle.load, which would run whatever
+    a tampered file names. --resume first reads it through this unpickler, which admits only what a DCP .metadata
+    holds: the checkpoint's own metadata classes, torch.Size, dtypes, layouts and paths. Nothing else is called."""
+
+    ALLOWED = {("pathlib", "PosixPath"), ("torch", "Size"), ("torch.serialization", "_get_layout")}
+
+    def find_class(self, module, name):
+        obj = super().find_class(module, name)
+        dcp_class = module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type)
+        if dcp_class or (module, name) in self.ALLOWED or (module == "torch" and isinstance(obj, torch.dtype)):
+            return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
 def load_checkpoint(gap, opt, cfg, rank, device):
     """Restore the newest complete checkpoint -> its step; with none yet, say so and return 0 (a restart script can
     always pass --resume)."""
@@ -454,8 +469,9 @@ def load_checkpoint(gap, opt, cfg, rank, device):
     step, folder = found
     model_sd, optim_sd = get_state_dict(gap, opt)
     state = dict(model=model_sd, optim=optim_sd)
-    try:   # .metadata first: a damaged one would make dcp.load log two tracebacks before failing
-        dcp.FileSystemReader(folder).read_metadata()
+    try:   # .metadata first, safely: a tampered one must not run code, a damaged one would make dcp.load log twice
+        with open(folder / ".metadata", "rb") as f:
+            DCPMetadataUnpickler(f).load()
         dcp.load(state, checkpoint_id=folder)   # in place, each rank reading the shards it owns
     except (Exception, dcp.api.CheckpointException) as e:   # a cut-short shard or .metadata (several error types)
         e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e   # rank's own

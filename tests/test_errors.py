@@ -5,6 +5,8 @@ of failure, each run through the script's own `__main__` block.
     .venv/bin/python -m pytest -q tests/test_errors.py
 """
 import json
+import os
+import pickle
 import runpy
 import shutil
 import sys
@@ -239,6 +241,30 @@ def test_unreadable_state_file(syn, tmp_path, monkeypatch, capsys):
         code, line = run_script("train.py", argv, monkeypatch, capsys)
         assert code == 1 and line.startswith(f"error: {want}"), (name, line)
         (folder / name).write_bytes(whole)
+
+
+class _RunsCode:
+    """A pickle that would call os.system when unpickled: what a tampered checkpoint .metadata could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_tampered_checkpoint_metadata_runs_nothing(syn, tmp_path, monkeypatch, capsys):
+    """torch.distributed.checkpoint unpickles .metadata with plain pickle; --resume reads it through an unpickler
+    that admits only DCP's metadata classes, so a tampered file is one error line and its code never runs."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    train.main(train.parse_args(_train_argv(syn, out, "--stop-after", "1")))
+    folder = train.latest_checkpoint(out)[1]
+    with open(folder / ".metadata", "rb") as f:
+        train.DCPMetadataUnpickler(f).load()    # a genuine one passes
+    (folder / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    code, line = run_script("train.py", _train_argv(syn, out, "--resume"), monkeypatch, capsys)
+    assert code == 1 and "UnpicklingError: posix.system is not part of a checkpoint's metadata" in line, line
+    assert not marker.exists()
 
 
 def test_data_prepared_with_another_tokenizer(syn, tmp_path, monkeypatch, capsys):
