@@ -35,6 +35,7 @@ import pickle
 import shutil
 import signal
 import time
+import warnings
 from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,12 @@ import latent_head as lh
 import model
 import prepare
 import sample
+
 from dataloader import MicroBatches, Records, collate, loader, step_plan  # noqa: F401  (train.X API)
+
+# one process saves and loads DCP checkpoints without a process group, which is exactly what it means to do: torch
+# warns about it at every save and load otherwise
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 @dataclass
