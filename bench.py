@@ -113,8 +113,10 @@ def make_inputs(cfg, opts, device):
     rng = np.random.default_rng(opts.seed)
     img = Image.fromarray(rng.integers(0, 256, (opts.image_size, opts.image_size, 3), dtype=np.uint8))
     pv, grid = model.preprocess_image(img)
+    # one 14x14 patch per grid cell, 2x2 patches merged into one LLM token: 448 px -> 32 x 32 patches -> 256 tokens
     n_img = int(grid.prod()) // cfg.vision.spatial_merge_size ** 2
     text = torch.from_numpy(rng.integers(0, cfg.bos_token_id, opts.prompt_len))   # plain BPE ids, below specials
+    # a quarter of the text before the image, the rest after: a chat preamble, the image, then the question
     a = opts.prompt_len // 4
     ids = torch.cat([text[:a], torch.tensor([cfg.vision_start_token_id] + [cfg.image_token_id] * n_img +
                                             [cfg.vision_end_token_id]), text[a:]])[None]    # (1, T)
@@ -197,6 +199,7 @@ def ours_generate(bundle, ids, pv, grid, n, clk, trunk, latent=False):
     m, (B, T), dev = bundle.model, ids.shape, ids.device
     mode = "pca" if latent else "zero"
     t0 = clk()
+    # the prefill clock includes allocating the cache: HF's generate allocates its own inside its time to first token
     S = sample.kv_bucket(T + n)
     m.setup_cache(B, S)
     pos, delta = m.position_ids(ids, grid)
@@ -205,12 +208,16 @@ def ours_generate(bundle, ids, pv, grid, n, clk, trunk, latent=False):
     if latent:   # inside a span longer than the run: every timed step feeds back the head's latent
         state.latent[:], state.left[:] = True, n + 1
     step = lambda h, logits: sample.next_inputs(bundle, mode, state, h, logits, bias, n + 1, 0.0, 1.0, None, None)
+    # the first token's choice counts toward time to first token (HF's clock stops at its first logits-processor
+    # call, just before its own choice)
     tok, _, _, _, inp = step(h, m.lm_head(h).float())
     toks = [tok]
     t1 = clk()
     slots = torch.arange(S, device=dev)
+    # n - 1 forwards: token n is chosen from the logits of forward n - 1, the same count as HF's (t_n - t_1) / (n - 1)
     for i in range(n - 1):
         s = T + i
+        # a generated token is text: its M-RoPE position is slot + rope_delta on all three axes, as in sample.generate
         p = (s + delta).view(1, B, 1).expand(3, B, 1)                         # (3, B, 1)
         h, logits = trunk(inp, p, slots[s:s + 1], None, sample.kv_bucket(s + 1) if trunk.compiled else s + 1)
         tok, _, _, _, inp = step(h, logits)
@@ -237,12 +244,14 @@ def hf_generate(hf, ids, pv, grid, n, cfg, clk, bias, static=False):
     stamp = Stamp()
     hf.model.rope_deltas = None                 # HF keeps M-RoPE state between calls: start clean
     t0 = clk()
+    # pad_token_id given: without it HF warns and falls back to the eos id on every call
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pv, image_grid_thw=grid,
                       mm_token_type_ids=(ids == cfg.image_token_id).long(), max_new_tokens=n, min_new_tokens=n,
                       do_sample=False, pad_token_id=cfg.eos_token_id, logits_processor=LogitsProcessorList([stamp]),
                       **({"cache_implementation": "static"} if static else {}))
     t2 = clk()
     t = stamp.t
+    # t[0] stamps the prefill's logits, t[-1] the last step's: n stamps bracket n - 1 decode forwards
     return t[0] - t0, (t[-1] - t[0]) / (n - 1), out[:, ids.shape[1]:], t2 - t0
 
 
@@ -264,6 +273,7 @@ def setup(opts):
         # on a shared 2-core box, 2 OpenMP threads stall whenever a neighbour holds one core (a 4x1x16 @ 4x16x338
         # bmm went from 3 us to 0.5-6 ms): one thread gives slower but far steadier numbers for both models
         torch.set_num_threads(opts.threads)
+    # bf16 is the checkpoint's dtype and the GPU's fast path; most CPUs have no fast bf16 matmul, so fp32 there
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[opts.dtype]
     return device, dtype
@@ -293,6 +303,8 @@ def time_tasks(tasks, iters):
     neighbour's load drifting over minutes hits both sides alike instead of whichever happened to run second.
     tasks: (row names, who, callable returning seconds per row). -> {who: {row: [seconds per round]}}"""
     times = {"ours": {}, "hf": {}}
+    # the warm-up pays one-off costs that no later call does: kernel selection, allocator growth, and with --compile the
+    # compilation itself (minutes for a 7B) and the CUDA-graph capture
     for _, _, fn in tasks:
         fn()
     for i in range(iters):
@@ -311,9 +323,11 @@ def step_bytes(m, head, cfg, dtype, B, T, n):
     cache at the mean context length (a latent step also reads the PCA head: it runs lm_head too, see generate).
     -> ({row: bytes}, KV bytes per token over the batch)."""
     elt = torch.finfo(dtype).bits // 8
+    # K and V per token: 2 x layers x KV heads x head_dim x bytes (7B in bf16: 2 x 28 x 4 x 128 x 2 B = 56 KiB per row)
     kv_token = 2 * cfg.text.num_hidden_layers * cfg.text.num_key_value_heads * cfg.text.head_dim * elt * B
     trunk = sum(p.numel() for n_, p in m.model.named_parameters() if not n_.startswith("embed_tokens")) * elt
     head_bytes = sum(p.numel() * p.element_size() for p in head.parameters())
+    # the context grows from T to T + n over the run: an average step reads T + n / 2 tokens of K/V
     text = trunk + m.lm_head.weight.numel() * elt + kv_token * (T + n / 2)
     return {"decode": text, "decode (compiled)": text, "latent step": text + head_bytes,
             "latent (compiled)": text + head_bytes}, kv_token
@@ -337,6 +351,8 @@ def report(times, res, bytes_per_step, peak, B, T, n):
         else:
             line += f"{'-':>10s}{'':6s}{'-':>9s}"
         line += f"{r['ours_tok_s']:12.1f}" + (f"{r['hf_tok_s']:10.1f}" if ys else f"{'-':>10s}")
+        # a decode step at small batch is memory-bound: bytes / time is the bandwidth reached, bytes / peak the fastest
+        # the step could possibly run
         if name in bytes_per_step:
             r["gb_s"] = bytes_per_step[name] / (o / 1e3) / 1e9
             line += f"{r['gb_s']:8.1f}"
@@ -345,6 +361,7 @@ def report(times, res, bytes_per_step, peak, B, T, n):
                 r["of_bound"] = r["bound_ms"] / o                 # 1.0 = at the HBM bound
                 line += f"{r['bound_ms']:10.3f}{100 * r['of_bound']:9.0f}%"
         print(line)
+        # JSON-friendly keys: "decode (compiled)" -> "decode_compiled"
         res[name.replace(" ", "_").replace("(", "").replace(")", "")] = r
     res["latent_vs_decode"] = med(times["ours"]["latent step"]) / med(times["ours"]["decode"])
     print(f"latent step / text decode step: {res['latent_vs_decode']:.2f}")
@@ -357,6 +374,7 @@ def our_tasks(bundle, ids, pv, grid, n, clk, eager, compiled):
     """Our rows: a forward, prefill + decode step, latent step, end-to-end generate (and the compiled step's rows).
     -> (tasks, the timed generate call)."""
     m, B = bundle.model, ids.shape[0]
+    # prepared once, outside the timed calls: the generate row times the model, not image preprocessing
     prompts = [(ids[0].tolist(), pv[:len(pv) // B].cpu(), grid[:1].cpu())] * B   # encode_prompts' output, B rows
 
     def ours_fwd():
@@ -460,6 +478,8 @@ def hf_tasks(hf, cfg, ids, pv, grid, n, clk, bias, compiled, res):
 def same_function(m, hf, bundle, cfg, ids, pv, grid, n, clk, eager, res):
     """Sanity: the two models really compute the same function on the same inputs (logits, greedy tokens)."""
     hf.model.rope_deltas = None
+    # the two differ only by kernel rounding order (fp32 CPU: tiny; bf16 CUDA: larger); greedy tokens flip only where
+    # two logits are closer than that, so token agreement is reported as a fraction, not required to be 100%
     res["max_logit_diff"] = (m(ids, pv, grid) - hf(**hf_kwargs(cfg, ids, pv, grid), use_cache=False).logits.float()
                              ).abs().max().item()
     ours_toks = ours_generate(bundle, ids, pv, grid, n, clk, eager)[2]
@@ -471,6 +491,7 @@ def generate_memory(m, device, run):
     """What one generate call holds beyond the weights (CUDA): the KV cache plus a few buffers, in GB."""
     m.clear_cache()
     torch.cuda.synchronize(device)
+    # the weights (and nothing else: the cache was just freed) are the baseline; the peak above it is one call's cost
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     run()
@@ -485,6 +506,7 @@ def train_batch(cfg, opts, device):
     <|vision_end|> supervised (a response), no latent span. -> (batch for train.GAP, labels (B, T) for HF)."""
     ids, pv, grid, _ = make_inputs(cfg, opts, device)
     B, T = ids.shape
+    # the text after <|vision_end|> plays the response: 3/4 of the text tokens supervised, like a long answer
     after = torch.arange(T, device=device) > (ids[0] == cfg.vision_end_token_id).nonzero()[0, 0]
     labels = torch.where(after, ids, -100)                                   # (B, T)
     sup = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1)).flatten()   # (B*T,) position t predicts t+1
@@ -510,12 +532,14 @@ def ours_trainer(cfg, opts, device, variant):
         vlm.visual.to(torch.bfloat16)
         train.shard(gap, tcfg, cuda)
     params = [p for p in gap.parameters() if p.requires_grad]
+    # fused on CUDA, as train.py: the whole AdamW update in one kernel per group of tensors
     opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
     batch, _ = train_batch(cfg, opts, device)
     n_sup = batch["sup_pos"].numel()
 
     def step():
         lm_sum, lat_sum, _ = gap(batch, -1)
+        # train.py's loss: the LM sum over supervised tokens made a mean (no latent span here, so lat_sum is 0)
         (lm_sum / n_sup + lat_sum).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -590,6 +614,7 @@ def train_main(opts):
     # ---- timing: train.py's step per variant (CUDA: eager / activation checkpointing / compiled), then HF's ----
     run = lambda step: time_step(step, opts.iters, device, clk)
     res, rows = {"config": opts.config, "layers": cfg.text.num_hidden_layers, "tokens": B * T}, {}
+    # CPU: one eager variant, timed against transformers; FSDP, activation checkpointing and compile are GPU levers
     variants = [("ours", (False, False))] if not cuda else \
         [("eager", (False, False)), ("eager + AC", (True, False))] + \
         ([("compiled", (False, True)), ("compiled + AC", (True, True))] if opts.compile else [])
@@ -641,6 +666,7 @@ def extrapolate(cfg, opts, device, variant, measured, full_depth, T, n_sup, run,
     t_L, mem_L = measured
 
     def counts(c):   # -> (one block's, trained (all but the frozen ViT), ViT's) parameter counts
+        # on meta: parameter counts only, without allocating a byte of the full-depth model
         with torch.device("meta"):
             m = model.Qwen25VL(c)
         n = lambda mod: sum(p.numel() for p in mod.parameters())
@@ -648,6 +674,7 @@ def extrapolate(cfg, opts, device, variant, measured, full_depth, T, n_sup, run,
     block, _, vit = counts(cfg)
     trained = lambda c: (None, counts(c)[1])
     GiB = 2 ** 30
+    # 16 B per trained parameter: fp32 weight + fp32 gradient + AdamW's two fp32 moments; the frozen ViT is 2 B (bf16)
     acts = lambda mem, c: mem * GiB - 16 * trained(c)[1] - 2 * vit        # what is not weights/grads/AdamW state
     per_layer_act = (acts(mem_L, cfg) - acts(mem_half, small)) / (L - half)
     fixed_act = acts(mem_L, cfg) - L * per_layer_act
@@ -655,6 +682,7 @@ def extrapolate(cfg, opts, device, variant, measured, full_depth, T, n_sup, run,
     G = opts.gpus
     mem = (16 * trained(full)[1] / G + 2 * vit + fixed_act + full_depth * per_layer_act + 2 * 2 * block) / GiB
     s_L, s_half = statistics.median(t_L), statistics.median(t_half)
+    # a step's time is linear in depth: the per-layer slope from the two runs, extended to the preset's full depth
     s_full = s_L + (full_depth - L) * (s_L - s_half) / (L - half)
     mfu = train.train_flops(full.text, [T], n_sup) / s_full / peak if peak else None
     print(f"\nextrapolated ({name}, from {half} and {L} layers): {opts.config} at full depth ({full_depth} layers), "

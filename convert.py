@@ -65,6 +65,7 @@ class Malformed(Exception):
 
 
 def _type(v):
+    # 40 characters: enough to recognise the value, short enough to keep the error on one line
     return f"{json.dumps(v)[:40]} ({type(v).__name__})"
 
 
@@ -72,6 +73,7 @@ def _need(obj, key, kind, at):
     """obj[key] of Python type `kind`, else Malformed naming the field path `at`."""
     if not isinstance(obj, dict) or key not in obj:
         raise Malformed(at, f"expected a {kind.__name__}, found nothing")
+    # bool is a subclass of int in Python: a JSON true must not pass as a number
     if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
         raise Malformed(at, f"expected a {kind.__name__}, found {_type(obj[key])}")
     return obj[key]
@@ -173,6 +175,7 @@ def last_boxed(text):
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
+    # brace counting, not a regex: \boxed{\frac{1}{2}} nests braces, which no regular expression can balance
     depth, i = 1, start + len("\\boxed{")
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
@@ -242,10 +245,12 @@ def convert_monet(obj, images, index, crops):
             text, last = text + v, v
     if ABS_VIS in text:
         raise BadRecord(f"data[{ta}].content", f"{ABS_VIS} not followed by an aux image")
+    # the last \boxed{} is the final answer: a worked solution may box intermediate results before it
     answer = last_boxed(text)
     if answer is None:
         raise BadRecord(f"data[{ta}].content", "expected a final \\boxed{answer}, found none")
     text = text.replace("<observation>", "<parser>").replace("</observation>", "</parser>").strip()
+    # a missing image is dropped here, with its line, rather than failing a training run hours in
     paths = [os.path.join(images, p) for p in qimages + aux]
     for p, name in zip(paths, ["image"] + [f"aux_images[{j}]" for j in range(len(aux))]):
         if not os.path.isfile(p):
@@ -318,6 +323,7 @@ def _lvr_fields(obj, image):
         if not _is_box(b):
             raise Malformed(f"bboxes[{j}]", f"expected [x0, y0, x1, y1] numbers, found {_type(b)}")
     human, reply = _turns(obj, ["human", "gpt"])
+    # non-greedy with re.S: each <answer> block alone, across line breaks; the last one is the final answer
     found = re.findall(r"<answer>(.*?)</answer>", reply, flags=re.S)
     reasoning = re.sub(r"<answer>.*?</answer>", "", reply, flags=re.S).strip()
     answer = (found[-1] if found else reasoning.replace(LVR, "")).strip()
@@ -352,6 +358,7 @@ def _box(b, at, w, h, in_pixels):
     if in_pixels is None:
         in_pixels = max(b) > 1   # normalised unless some value says pixels
     scale = (1, 1, 1, 1) if in_pixels else (w, h, w, h)
+    # clamped: an annotated box can run past the border, and PIL's crop pads the outside with black
     x0, y0, x1, y1 = (max(0, min(lim, round(v * s))) for v, s, lim in zip(b, scale, (w, h, w, h)))
     if x1 <= x0 or y1 <= y0:
         raise BadRecord(at, f"expected a box with area inside the {w}x{h} image, found {b}")
@@ -384,6 +391,7 @@ def convert_bbox(obj, images, index, crops):
         x0, y0, x1, y1 = _box(b, "image[1]" if viscot else f"bboxes[{j}]", w, h, in_pixels)
         path = crops / f"{index:07d}-{j}.png"   # the input position: stable for the same file, no id clash
         tmp = path.with_name(path.name + ".tmp.png")
+        # PNG: lossless, so the crop is exactly the question image's pixels; RGB: palette / alpha images saved uniformly
         img.crop((x0, y0, x1, y1)).convert("RGB").save(tmp)
         os.replace(tmp, path)
         aux.append(str(path))
@@ -391,6 +399,7 @@ def convert_bbox(obj, images, index, crops):
                      f"{y1 / h:.2f}] of the image, zoomed in</parser>")
     img.close()
     pieces = reasoning.split(LVR)
+    # the i-th <lvr> marker becomes the i-th box's span, in the reply's own order
     text = pieces[0] + "".join(s + p for s, p in zip(spans, pieces[1:]))
     return src, question, f"<think>{text.strip()}</think><answer>{answer}</answer>", aux, answer
 

@@ -39,6 +39,7 @@ class Records:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise prepare.data_error(folder / "manifest.json", "manifest", "expected the manifest of a finished "
                                      f"`prepare.py build`, found {type(e).__name__}: {e}") from None
+        # a manifest without image limits: 56x56 px (4 image tokens, one per 28x28 px) to 28x28x1280 px (1,280 tokens)
         self.pixels = (self.manifest.get("image_min_pixels", 56 * 56), self.manifest.get("image_max_pixels", 28 * 28 * 1280))
         self.ids, self.images, self.accuracy, tokens, labels, lengths = [], [], [], [], [], [0]
         self.where, seen, path = {}, {}, folder / "records.jsonl"
@@ -74,6 +75,8 @@ class Records:
             for shard in ext["shards"]:
                 with model.open_safetensors(folder / shard) as f:
                     self.external[name].update({k: folder / shard for k in f.keys()})
+        # tau < 0 strips every span (the no-latent baseline); else a record the base model already solves more
+        # often than tau is trained as plain text, and one never scored (accuracy null) keeps its spans
         self.strip = [tau < 0 or (a is not None and a > tau) for a in self.accuracy]
         # per record after stripping: tokens, supervised next-token targets, latent pads (what a step's global
         # counts, throughput and length balancing need, without loading a single image)
@@ -82,6 +85,7 @@ class Records:
             ids, lab = self.raw(i)
             keep = ~np.isin(ids, (self.start_id, self.pad_id, self.end_id)) if self.strip[i] else slice(None)
             self.length[i] = len(ids[keep])
+            # [1:]: position t predicts label t + 1, so the first label is never a target
             self.n_sup[i] = (lab[keep][1:] != -100).sum()
             self.n_lat[i] = 0 if self.strip[i] else (ids == self.pad_id).sum()
 
@@ -96,6 +100,7 @@ class Records:
     def get(self, i):
         """-> dict(input_ids, labels (T,), image path, targets (n_latents_total, d) float32 or None, external
         {name: (n_spans, P, d) float32} or None). A --layout valr folder has no targets: its latents are fed back."""
+        # astype copies: the shared int32 arrays stay untouched (no copy-on-write pages), and the embedding wants int64
         ids, labels = (torch.from_numpy(x.astype(np.int64)) for x in self.raw(i))
         rid, image = self.ids[i], self.images[i]
         n_spans = int((ids == self.start_id).sum())
@@ -163,6 +168,7 @@ def step_plan(records, cfg, step, world):
     epoch, s = divmod(step, len(records) // G)
     perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
     batch = sorted(perm[s * G:(s + 1) * G], key=lambda i: -records.length[i])   # stable: ties keep perm order
+    # slice j holds the j-th `per` longest; stride `world` deals it out, so rank r gets every world-th of neighbours
     return [[batch[j * per + r:(j + 1) * per:world] for r in range(world)] for j in range(G // per)]
 
 
@@ -174,6 +180,7 @@ class MicroBatches(torch.utils.data.Dataset):
         self.accum = cfg.global_batch // (world * cfg.micro_batch)
 
     def __len__(self):
+        # whole global batches only: steps per epoch x epochs x micro-batches per step
         return len(self.records) // self.cfg.global_batch * self.cfg.epochs * self.accum
 
     def __getitem__(self, k):
@@ -188,6 +195,7 @@ def loader(data, start_step, cfg, pin):
     order = range(start_step * data.accum, len(data))   # the sampler: the order is a pure function of the step
     # its own generator: the DataLoader draws a worker seed when it starts, which would otherwise consume the global
     # RNG (scheduled sampling's) at a different point in a resumed run than in an uninterrupted one
+    # batch_size=None: each item is already a collated micro-batch, so the DataLoader adds no batching of its own
     return torch.utils.data.DataLoader(data, batch_size=None, sampler=order, num_workers=cfg.workers, pin_memory=pin,
                                        prefetch_factor=4 if cfg.workers else None,
                                        generator=torch.Generator().manual_seed(cfg.seed))

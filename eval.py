@@ -154,6 +154,8 @@ def record_image(rec):
 # ---------------------------------------------------------------------------------------------------------------
 # ---- answer extraction and scoring ----
 
+# a number as answers write it: thousands-separated (1,234.5) first, since at the same start the first alternative
+# wins and a plain -?\d+ would stop at '1'; then integers, decimals and fractions (3/4); then a bare '.5'
 _NUM = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
@@ -199,6 +201,7 @@ def extract_choice(text, letters=None, choices=None):
 
 
 def normalize(s):
+    # SQuAD's answer normalisation: lower case, punctuation and articles dropped, runs of spaces collapsed
     s = s.lower().strip()
     s = "".join(ch for ch in s if ch not in string.punctuation)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
@@ -215,14 +218,17 @@ def score(prediction, answer, choices=None):
         return got == letter, got or ""
     ref_num = parse_number(ref)
     if ref_num is not None:
+        # "the answer is N" wins; else the last number, since a chain of thought states its intermediate values first
         m = re.search(r"answer\s+is\s*[:：]?\s*(" + _NUM.pattern + ")", pred, flags=re.I)
         nums = [m.group(1)] if m else _NUM.findall(pred)
         if not nums:
             return False, ""
         got = parse_number(nums[-1])
+        # 1% relative: rounded answers such as 33.3 for 100/3 or 3.14 for pi count as right
         ok = got is not None and math.isclose(got, ref_num, rel_tol=1e-2, abs_tol=1e-9)
         return ok, nums[-1]
     if normalize(ref) in ("yes", "no"):
+        # the first yes/no: a response that commits usually opens with it and may mention the other word later
         m = re.search(r"\b(yes|no)\b", pred, flags=re.I)
         got = m.group(1).lower() if m else ""
         return got == normalize(ref), got
@@ -314,6 +320,7 @@ def merge_parts(path, world, finalize):
     the parts. Every rank returns once the file is there."""
     barrier(world)
     if int(os.environ.get("RANK", 0)) == 0:
+        # (the first barrier: every part is complete; the second: no rank reads path before rank 0 has written it)
         write_lines(path, finalize(read_parts(path)))
         for part in path.parent.glob(path.name + ".part*"):
             part.unlink()
@@ -378,6 +385,7 @@ def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
                 if bundle.device.type == "cuda":
                     torch.cuda.synchronize(bundle.device)
                 t0 = time.perf_counter()
+                # seed: --seed + the batch's first record index, the same on any rank and in a resumed run
                 rows = sample.generate(bundle, None, None, prompts=prompts, mode=mode,
                                        max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
                                        top_p=opts.top_p, n_latents=n_latents, ema_norm=opts.ema_norm,
@@ -390,7 +398,9 @@ def run_one(bundle, records, mode, n_latents, opts, out_dir, world=1, rank=0):
                                         "latents_fed": sum(s["count"] for s in row["latent_spans"]),
                                         "n_generated": row["n_generated"], "latent_spans": row["latent_spans"]},
                                        ensure_ascii=False) + "\n")
+                # flushed per batch: a crash loses at most the batch being generated, and a resume skips the rest
                 f.flush()
+        # a record found in two parts (a crashed run's and its resume's) is kept once; the output keeps the data's order
         merge_parts(path, world, lambda parts: [{p["id"]: p for p in parts}[i] for i in ids])
     if rank != 0:
         return None

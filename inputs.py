@@ -113,15 +113,18 @@ def smart_resize(height, width, factor=28, min_pixels=DEFAULT_MIN_PIXELS, max_pi
     """smart_resize: multiples of `factor`, pixel count within [min_pixels, max_pixels], aspect ratio kept."""
     if min(height, width) <= 0:
         raise DataError(f"image has zero size ({height}x{width})")
+    # transformers' smart_resize refuses the same: past 200:1 the short side cannot keep its shape on a 28 px grid
     if max(height, width) / min(height, width) > 200:
         raise DataError(f"image aspect ratio {max(height, width) / min(height, width):.1f} is over 200 "
                          f"({height}x{width})")
     h, w = round(height / factor) * factor, round(width / factor) * factor   # Python round: banker's on .5
     if h * w > max_pixels:
+        # too many pixels: shrink both sides by beta (area / beta^2 = max_pixels) and floor, so the result stays under
         beta = math.sqrt(height * width / max_pixels)
         h = max(factor, math.floor(height / beta / factor) * factor)
         w = max(factor, math.floor(width / beta / factor) * factor)
     elif h * w < min_pixels:
+        # too few: grow both sides by beta and ceil, so the result reaches min_pixels
         beta = math.sqrt(min_pixels / (height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
     return h, w
@@ -133,6 +136,7 @@ def load_image(path):
         img = Image.open(path)
         if img.width * img.height > MAX_DECODE_PIXELS:
             raise DataError(f"{path}: {img.width}x{img.height} is over the {MAX_DECODE_PIXELS} pixel cap")
+        # Image.open read only the header, so the size check above decoded nothing; the decode happens here
         img.load()
         return img
     except DataError:
@@ -147,6 +151,7 @@ def preprocess_image(image, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MA
     if not isinstance(image, Image.Image):
         image = load_image(image)
     W, H = image.size
+    # a PIL image handed in directly has not been through load_image's check
     if W * H > MAX_DECODE_PIXELS:
         raise DataError(f"image {W}x{H} is over the {MAX_DECODE_PIXELS} pixel cap")
     h, w = smart_resize(H, W, patch_size * merge_size, min_pixels, max_pixels)
@@ -158,6 +163,7 @@ def preprocess_image(image, min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MA
     x = np.asarray(image).transpose(2, 0, 1)                                  # (3, h, w) uint8
     x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)                 # rescale in f64, like transformers
     mean, std = np.array(IMAGE_MEAN, np.float32), np.array(IMAGE_STD, np.float32)
+    # (3, h, w).T is (w, h, 3): the channel axis last, where the (3,) mean and std broadcast
     x = ((x.T - mean) / std).T                                                # per channel, float32
     gh, gw, m, P = h // patch_size, w // patch_size, merge_size, patch_size
     x = x.reshape(3, gh // m, m, P, gw // m, m, P).transpose(1, 4, 2, 5, 0, 3, 6)   # (gh/m, gw/m, m, m, C, P, P)
@@ -183,6 +189,7 @@ class PixelBudget:
     def hold(self, path):
         try:   # the header only: PIL decodes lazily
             with Image.open(path) as img:
+                # capped at the budget: an image larger than all of it still runs, alone
                 n = min(img.width * img.height, self.limit)
         except Exception:   # unreadable: load_image says why, and decodes nothing
             n = 0

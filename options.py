@@ -29,6 +29,7 @@ from model import DataError
 def option_problem(f, v):
     """-> what is wrong with value v of the int/float option field f ("expected ..., found ..."), or None."""
     m, kind = f.metadata, "an integer" if f.type is int else "a number"
+    # nan compares False with every bound and would pass them all: refuse it (and inf) before the bounds
     if isinstance(v, float) and not math.isfinite(v):
         return f"expected a finite number, found {v}"
     if ("min" in m and v < m["min"]) or ("max" in m and v > m["max"]) or ("above" in m and v <= m["above"]):
@@ -41,6 +42,7 @@ def option_problem(f, v):
 def _option_type(f):
     def parse(s):
         try:
+            # int("1.5") and float("x") raise ValueError; argparse turns ArgumentTypeError into Parser.error's one line
             v = f.type(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if f.type is int else 'a number'}, "
@@ -56,6 +58,7 @@ def add_options(parser, cls):
     for f in fields(cls):
         flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
         type_ = _option_type(f) if f.type in (int, float) else f.type
+        # BooleanOptionalAction: --hf and --no-hf both exist, so a True default can be turned off
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         elif f.type is list:   # repeatable; default None, not [], which argparse's append would share across calls
@@ -111,6 +114,8 @@ def run_main(main, argv=None):
             raise
         for bar in list(getattr(tqdm, "_instances", ())):   # end an open progress bar's line before ours
             bar.close()
+        # an OSError from open() carries filename and strerror ("x.jsonl: No such file or directory"); one raised with
+        # just a message prints as that message
         where = isinstance(e, OSError) and e.filename is not None and e.strerror
         print(f"error: {f'{e.filename}: {e.strerror}' if where else e}", file=sys.stderr)
         sys.exit(1)
@@ -170,6 +175,7 @@ def resolve_pixels(model_dir, min_pixels=-1, max_pixels=-1):
         lo, hi, where = trained["image_min_pixels"], trained["image_max_pixels"], str(gap)
     elif (found := model.read_pixel_limits(folder)) is not None:
         (lo, hi), where = found, str(folder / "preprocessor_config.json")
+    # either flag alone overrides only its own limit; the other keeps the value found above
     if min_pixels > 0 or max_pixels > 0:
         lo, hi = (min_pixels if min_pixels > 0 else lo), (max_pixels if max_pixels > 0 else hi)
         where = "command line" if min_pixels > 0 and max_pixels > 0 else f"command line and {where}"
@@ -180,5 +186,6 @@ def resolve_pixels(model_dir, min_pixels=-1, max_pixels=-1):
 
 def print_pixels(limits):
     lo, hi, where = limits
+    # 784 = 28 x 28 px per image token (14 px patches merged 2 x 2)
     print(f"image pixels: min_pixels {lo} max_pixels {hi} ({where}): {lo // 784}..{hi // 784} image tokens",
           file=sys.stderr)

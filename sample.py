@@ -205,6 +205,7 @@ def sample_tokens(logits, temperature, top_p, generator):
     if top_p < 1.0:
         p, idx = probs.sort(dim=-1, descending=True)
         drop = p.cumsum(-1) - p >= top_p           # keep the smallest prefix whose mass reaches top_p
+        # zeroed, not renormalised: the argmax of p / q below is the same for p and any multiple of it
         probs = probs.scatter(-1, idx, p.masked_fill(drop, 0.0))
     q = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / q).argmax(-1)
@@ -259,6 +260,7 @@ class LoopState:
         """Decide what every row feeds at this position. Returns (token (B,), use_latent (B,), valid (B,)):
         use_latent rows feed v, the others the token's embedding; valid is False for rows finished before this step."""
         ids = bundle.ids
+        # sampled for every row, even rows whose token is overridden below: one batched call, no branch on the host
         tok = sample_tokens(logits + bias, temperature, top_p, generator)
         use_latent = self.latent & (self.left > 0)
         close = self.latent & (self.left == 0)                           # span complete: force <|latent_end|>
@@ -278,6 +280,7 @@ class LoopState:
 def finish_rows(bundle, toks, is_lat, norms, valid, hidden=None, latents=None):
     """Host-side assembly of the per-row dicts from the (B, M) step records."""
     ids, rows = bundle.ids, []
+    # the call's only device -> host copies, after the loop: the decode steps themselves never wait on the host
     toks, is_lat, norms, valid = toks.cpu(), is_lat.cpu(), norms.float().cpu(), valid.cpu()
     for b in range(toks.shape[0]):
         n = int(valid[b].sum())                     # valid steps form a prefix: a row never un-finishes
@@ -289,6 +292,7 @@ def finish_rows(bundle, toks, is_lat, norms, valid, hidden=None, latents=None):
                 span["count"] += 1
                 span["norm_sum"] += nv
                 continue
+            # (<|latent_start|> itself never reaches the text: decode's skip_special_tokens would drop it anyway)
             if tid == ids["latent_start"]:
                 span = {"count": 0, "norm_sum": 0.0}
             elif tid == ids["latent_end"] and span is not None:

@@ -119,6 +119,7 @@ def build_example(tok, question, response, n_image_tokens, n_latents):
         resp += [i["latent_start"]] + [i["latent_pad"]] * n_latents + [i["latent_end"]] + _text_ids(tok, piece)
     tail = _text_ids(tok, "\n")
     input_ids = prompt + resp + [i["im_end"]] + tail
+    # a latent pad is never a token target: what the model emits there is v, which the latent loss trains
     labels = ([IGNORE] * len(prompt) + [IGNORE if t == i["latent_pad"] else t for t in resp] + [i["im_end"]]
               + [IGNORE] * len(tail))
     return input_ids, labels
@@ -145,8 +146,10 @@ def write_hub_files(out, tok, cfg, pixels, base=None):
                "unk_token": None, "processor_class": "Qwen2_5_VLProcessor"}
     v, (lo, hi) = cfg.vision, pixels[:2]
     pre = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+           # both spellings of the limits: min_pixels / max_pixels (older transformers) and size (newer ones)
            "min_pixels": lo, "max_pixels": hi, "size": {"shortest_edge": lo, "longest_edge": hi},
            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size,
+           # resample 3 is PIL.Image.BICUBIC, the filter preprocess_image resizes with
            "image_mean": list(model.IMAGE_MEAN), "image_std": list(model.IMAGE_STD), "resample": 3,
            "rescale_factor": 1 / 255, "do_resize": True, "do_rescale": True, "do_normalize": True,
            "do_convert_rgb": True}
@@ -154,6 +157,7 @@ def write_hub_files(out, tok, cfg, pixels, base=None):
              "preprocessor_config.json": pre}
     gen = Path(base) / "generation_config.json" if base else None
     if gen is None or not gen.is_file():
+        # either eos id stops generation: <|im_end|> closes a chat turn, <|endoftext|> a plain completion
         files["generation_config.json"] = {"bos_token_id": cfg.bos_token_id, "pad_token_id": ids["endoftext"],
                                            "eos_token_id": [ids["im_end"], ids["endoftext"]], "do_sample": False}
     for name, d in files.items():

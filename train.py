@@ -147,6 +147,7 @@ def dist_init(cfg):
     return rank, world, device
 
 
+# a sum, not an average: the loss parts and counts are global sums, divided once every rank's share is in
 def all_sum(x, world):
     if world > 1:
         dist.all_reduce(x)
@@ -177,6 +178,7 @@ LOSS_CHUNK = 1024   # logits rows upcast to fp32 at once: 1024 x 152064 x 4 B = 
 
 
 def ce_sum(logits, target):
+    # fp32: bf16 keeps 8 mantissa bits, too few for a log-sum-exp over 152,064 logits
     return F.cross_entropy(logits.float(), target, reduction="sum")
 
 
@@ -296,6 +298,8 @@ def speedups(vlm, cfg, cuda):
             layer.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(layer.forward)
     if cuda if cfg.compile is None else cfg.compile:
         for layer in vlm.model.layers:
+            # per block: each compiled region lies inside one FSDP unit, whose all-gather / reduce-scatter hooks
+            # stay outside it
             layer.compile()
 
 
@@ -303,6 +307,7 @@ def check_replica_fits(model_dir, n_train, have, gpu):
     """Without --fsdp every GPU holds fp32 weights, fp32 gradients and AdamW's two moments: 16 bytes per trained
     parameter (a 7B: 8.3B x 16 = 133 GB, more than any one GPU). Refuse before the first step runs out of memory."""
     need = 16 * n_train
+    # 10% headroom: activations, the CUDA context and allocator fragmentation need the rest
     if need > 0.9 * have:
         raise prepare.DataError(f"{model_dir}: {n_train / 1e9:.1f}B trained parameters need {need / 2 ** 30:.0f} GiB "
                                 f"of weights, gradients and AdamW state per GPU without sharding, more than the "
@@ -375,6 +380,7 @@ def repa_encoders(cfg, records):
 
 
 def lr_factor(step, total, warmup_ratio):
+    # linear warmup from 1 / warmup (not 0: step 0 moves the weights too), then a cosine from 1 down to 0 at `total`
     warmup = max(1, math.ceil(total * warmup_ratio))
     if step < warmup:
         return (step + 1) / warmup
@@ -395,6 +401,7 @@ def latest_checkpoint(out):
     """-> (step, folder) of the newest complete checkpoint, or None."""
     found = []
     for p in (Path(out) / "checkpoints").glob("step-*"):
+        # torch.distributed.checkpoint writes .metadata once every shard is written: without it the save never finished
         if (p / "meta.json").exists() and (p / ".metadata").exists():
             found.append((read_meta(p)["step"], p))
     return max(found) if found else None
@@ -596,6 +603,7 @@ def peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
+    # the first name that matches ("H100 PCIe" before "H100"); an unknown GPU reports no MFU rather than a wrong one
     return next((v for k, v in PEAK_FLOPS if k in name), None)
 
 
@@ -608,6 +616,7 @@ def train_flops(text, lengths, n_sup):
     Recomputation (activation checkpointing) and the frozen ViT's forward are not counted: MFU counts the model's work.
     """
     d, hd, L = text.hidden_size, text.head_dim, text.num_hidden_layers
+    # per block: Q and O are d x (heads x hd), K and V d x (KV heads x hd), the SwiGLU MLP three d x ffn matrices
     block = d * hd * (2 * text.num_attention_heads + 2 * text.num_key_value_heads) + 3 * d * text.intermediate_size
     lengths = np.asarray(lengths, dtype=np.float64)
     return 6 * L * block * lengths.sum() + 6 * d * text.vocab_size * n_sup \

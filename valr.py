@@ -48,6 +48,7 @@ STEP_MARK = re.compile(r"step\s*\d+\s*:", re.IGNORECASE)
 
 def _reasoning_span(response):
     """(start, end) character offsets of the reasoning part of a response."""
+    # an unclosed <think> (a response cut short) runs to the end of the text
     think = re.search(r"<think>(.*?)(</think>|$)", response, re.DOTALL)
     if think:
         return think.start(1), think.end(1)
@@ -128,7 +129,9 @@ def store_external(name, path, blocks, out, shard_size):
                 bad = int((~torch.isfinite(t)).sum())
                 if bad:
                     raise ValueError(f"{where(rid)}: expected finite values, found {bad} NaN/inf of {t.numel()}")
+                # the first tensor fixes (P, d) for the whole file: the projector has one output shape
                 P_d = P_d or tuple(t.shape[1:])
+                # bf16, like the latent targets' shards: half the bytes of fp32
                 tensors[rid] = t.to(torch.bfloat16).contiguous()
             shard = f"external-{name}-{s // shard_size:05d}.safetensors"
             prepare.write_shard(tensors, Path(out) / shard, "")
@@ -170,6 +173,7 @@ class StandinEncoder:
         img = model.load_image(image) if not isinstance(image, Image.Image) else image
         img = img.convert("RGB").resize((self.side, self.side), resample=Image.BICUBIC)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]   # (1, 3, H, W)
+        # pixels mapped to [-1, 1]: inputs around 0, so the random filters' outputs are not all shifted one way
         y = F.conv2d(x * 2 - 1, self.weight, stride=self.patch_px).flatten(2)[0].T              # (P, dim)
         return torch.tanh(y - y.mean(0)).contiguous()   # centred values have std 0.08-0.5: tanh is near linear
 

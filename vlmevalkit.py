@@ -46,6 +46,7 @@ import model
 NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
                         "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 _INT = re.compile(r"\s*[+-]?\d+\s*")         # pandas reads " 3" and "+3" as the integer 3
+# pandas' float parser also takes exponents (1e3), a bare ".5", and inf / infinity in any case
 _FLOAT = re.compile(r"\s*[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity)\s*", re.I)
 _BOOL = {"True": True, "TRUE": True, "true": True, "False": False, "FALSE": False, "false": False}
 LETTERS = string.ascii_uppercase
@@ -143,6 +144,7 @@ def build_prompt(row, kind, dataset):
 def decode_image(b64, path, line=None, rid=None):
     """base64 -> PIL image as VLMEvalKit opens it: RGBA, P and LA converted to RGB (alpha dropped)."""
     try:
+        # validate=False, base64's default: characters outside the alphabet (line breaks in a wrapped cell) are skipped
         img = Image.open(io.BytesIO(base64.b64decode(b64, validate=False)))
         if img.width * img.height > model.MAX_DECODE_PIXELS:
             raise ValueError(f"{img.width}x{img.height} is over the {model.MAX_DECODE_PIXELS} pixel cap")
@@ -175,6 +177,7 @@ def read_records(path):
         if text(r["index"]) in seen:
             raise model.data_error(path, "index", f"expected unique values, found {text(r['index'])!r} twice")
         seen.add(text(r["index"]))
+    # every row's image by index first: a short cell refers to another row's image, possibly a later one
     images = {text(r["index"]): text(r["image"]) for r in rows}
     records = []
     for r in tqdm(rows, desc="check images", disable=len(rows) < 256):
@@ -280,6 +283,7 @@ def relaxed_correct(target, prediction, max_relative_change=0.05):
 def _levenshtein(a, b):
     if len(a) > len(b):
         a, b = b, a
+    # one row of the edit-distance table at a time, over the shorter string: O(len a x len b) time, O(min) memory
     row = list(range(len(a) + 1))
     for i, cb in enumerate(b):
         new = [i + 1]
@@ -292,11 +296,14 @@ def _levenshtein(a, b):
 def anls_distance(target, prediction):
     """Normalised Levenshtein distance after lower-casing and collapsing spaces (ANLS uses 1 - this)."""
     t, p = " ".join(target.strip().lower().split()), " ".join(prediction.strip().lower().split())
+    # normalised by the raw strings' lengths (before stripping), as VLMEvalKit's anls_compute; upper() can change a
+    # length ("ß" -> "SS"), and it is kept for the same numbers
     n = max(len(target.upper()), len(prediction.upper()))
     return 0.0 if n == 0 else _levenshtein(t, p) / n
 
 
 def vqa_method(dataset):
+    # by substring of the file's stem, as VLMEvalKit names its variants (ChartQA_TEST.tsv is ChartQA)
     for names, method in ((("TextVQA",), "vqa_score"), (("ChartQA",), "relaxed_accuracy"),
                           (("OCRVQA", "GQA"), "accuracy"), (("DocVQA", "InfoVQA"), "anls")):
         if any(n in dataset for n in names):
@@ -307,6 +314,7 @@ def vqa_method(dataset):
 def _answers(answer):
     """A cell holding a Python list literal is several reference answers (VLMEvalKit evaluates it)."""
     try:
+        # literal_eval, never eval: the cell is data, and only Python literals are parsed
         v = ast.literal_eval(answer)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return [answer]
@@ -342,6 +350,7 @@ def score(prediction, rec, dataset):
     if method == "relaxed_accuracy":            # ChartQA: right if any reference is
         return float(max(relaxed_correct(t, pred) for t in refs)), pred
     if method == "accuracy":
+        # the fraction of references matched: two references, one of them matched, score 0.5
         return sum(t.strip().lower() == pred.lower() for t in refs) / len(refs), pred
     if method == "anls":                        # DocVQA/InfoVQA: best similarity, 0 below 0.5
         s = 1 - min(anls_distance(t, prediction) for t in refs)
