@@ -298,8 +298,7 @@ def speedups(vlm, cfg, cuda):
             layer.forward = (lambda f: lambda *a: checkpoint(f, *a, use_reentrant=False))(layer.forward)
     if cuda if cfg.compile is None else cfg.compile:
         for layer in vlm.model.layers:
-            # per block: each compiled region lies inside one FSDP unit, whose all-gather / reduce-scatter hooks
-            # stay outside it
+            # per block: each compiled region stays inside one FSDP unit, its all-gather hooks outside
             layer.compile()
 
 
