@@ -35,6 +35,16 @@ def assert_close(name, a, b, atol=1e-5):
     assert diff <= atol, f"{name}: max |diff| = {diff:.3g} > atol {atol:g}"
 
 
+@pytest.fixture(scope="session")
+def syn(tmp_path_factory):
+    """`prepare.py synthetic` once per session (24 records, its tiny checkpoint and prepared folder), shared read-only
+    by every test file that needs a model folder or a small dataset on disk."""
+    import prepare
+    out = tmp_path_factory.mktemp("syn")
+    prepare.synthetic(prepare.SyntheticOptions(out=str(out), n=24, seed=7, device="cpu"))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

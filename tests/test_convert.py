@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest -q tests/test_convert.py
 
 The samples follow the public layouts cited in convert.py (Monet's src/task.py, LVR's README); nothing is downloaded.
-The tiny model comes from a small synthetic run, as in test_prepare.py.
+The tiny model comes from the session's synthetic run (conftest.py's `syn`).
 """
 import json
 from pathlib import Path
@@ -15,13 +15,6 @@ from PIL import Image
 import convert
 import prepare
 import train
-
-
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syn")
-    prepare.synthetic(prepare.SyntheticOptions(out=str(out), n=6, seed=5, device="cpu"))
-    return out
 
 
 def _image(path, w, h, seed):

@@ -25,13 +25,6 @@ import prepare  # noqa: E402
 import train  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syn")
-    prepare.synthetic(prepare.SyntheticOptions(out=str(out), n=24, seed=7, device="cpu"))
-    return out
-
-
 def run_script(script, argv, monkeypatch, capsys):
     """`python SCRIPT ARGV` for a run that fails: its __main__ block, in this process (no 3 s interpreter start).
     -> (exit code, the one error line). Asserts there is exactly one `error:` line and no traceback."""

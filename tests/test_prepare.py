@@ -23,13 +23,6 @@ import prepare
 N = 36
 
 
-@pytest.fixture(scope="module")
-def syn(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syn")
-    prepare.synthetic(prepare.SyntheticOptions(out=str(out), n=24, seed=7, device="cpu"))
-    return out
-
-
 def _targets(folder):
     t = {}
     for name in json.loads((folder / "manifest.json").read_text())["shards"]:
