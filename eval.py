@@ -90,6 +90,8 @@ class OracleOptions:
     data: str = field(metadata={"help": "a prepared folder (prepare.py build) with the same tokenizer"})
     limit: int = field(default=0, metadata={"help": "first N records with spans (0 = all)"})
     batch_size: int = field(default=32, metadata={"help": "records per forward"})
+    out: str = field(default=None, metadata={"help": "also write OUT/results.json (modes true_latents, no_latents: "
+                                                     "what `eval.py summary` reads)"})
     device: str = prepare.device_option()
 
 
@@ -735,6 +737,13 @@ def oracle_main(opts):
     rows = [oracle_probe(m, opts.data, feed, opts.limit, opts.batch_size) for feed in ("oracle", "none")]
     print(format_table(rows, [("latents fed", "feed", "{}"), ("records", "n", "{}"),
                               ("tail accuracy", "accuracy", "{:.4f}")]))
+    if opts.out:
+        res = {"model": opts.model, "data": opts.data, "intervention": [
+            {"mode": {"oracle": "true_latents", "none": "no_latents"}[r["feed"]], "n": r["n"], "accuracy": r["accuracy"]}
+            for r in rows]}
+        Path(opts.out).mkdir(parents=True, exist_ok=True)
+        model.write_text_atomic(Path(opts.out) / "results.json", json.dumps(res, indent=2) + "\n")
+        print(f"wrote {Path(opts.out) / 'results.json'}")
     return rows
 
 

@@ -249,6 +249,18 @@ def test_oracle_probe_feeds_true_targets(syn, monkeypatch):
         gapeval.oracle_probe(m, syn / "prepared", "own")
 
 
+def test_oracle_results_feed_the_summary(syn, tmp_path):
+    """`eval.py oracle --out` writes results.json in the eval layout, so the demo's summary carries the probe."""
+    rows = gapeval.main(["oracle", "--model", str(syn / "model"), "--data", str(syn / "prepared"), "--limit", "2",
+                         "--out", str(tmp_path / "oracle-1"), "--device", "cpu"])
+    res = json.loads((tmp_path / "oracle-1" / "results.json").read_text())
+    assert [(r["mode"], r["n"], r["accuracy"]) for r in res["intervention"]] == [
+        ("true_latents", 2, rows[0]["accuracy"]), ("no_latents", 2, rows[1]["accuracy"])]
+    gapeval.main(["summary", str(tmp_path / "oracle-1"), "--json", str(tmp_path / "summary.json")])
+    table = json.loads((tmp_path / "summary.json").read_text())
+    assert table["oracle"]["true_latents"]["seeds"] == {"1": rows[0]["accuracy"]}
+
+
 @pytest.mark.parametrize("sub", [[], ["norms"], ["oracle"], ["summary"]])
 def test_every_subcommand_answers_help(sub, capsys):
     with pytest.raises(SystemExit) as e:

@@ -1,5 +1,5 @@
 """The tile miniature (synthetic.py): the two-hop logic, what the aux image and the <parser> may and may not say, and
-the base recipe end to end in a shortened form (base data -> base training with the ViT -> demo data scored by the
+the base recipe end to end in a shortened form (base data -> base training, the ViT frozen -> demo data scored by the
 base -> build with its ViT -> a GAP step). CPU, seconds.
     .venv/bin/python -m pytest -q tests/test_tiles.py
 """
@@ -23,31 +23,35 @@ import train  # noqa: E402
 def test_two_hop_answer_and_what_the_text_reveals():
     rng = random.Random(0)
     for _ in range(200):
-        bg, centre = synthetic.make_grid(rng)
-        assert len(set(bg)) == 4 and all(c != b and c in bg for b, c in zip(bg, centre))
-        q, resp, answer, auxes = synthetic.ask("follow", bg, centre, rng, 56)
-        start = next(i for i, b in enumerate(bg) if f"the {b} tile and" in q)
-        middle = centre[start]                                   # hop 1's result
-        assert answer == centre[bg.index(middle)]                # hop 2 on it
-        assert answer != middle                                  # the single-hop answer is always wrong here
+        colours, points = synthetic.make_grid(rng)
+        assert sorted(colours) == sorted(synthetic.COLORS) and all(p != i and 0 <= p < 4 for i, p in enumerate(points))
+        q, resp, answer, auxes = synthetic.ask("follow", colours, points, rng, 56)
+        start = next(i for i, c in enumerate(colours) if f"the {c} tile and" in q)
+        middle = points[start]                                   # hop 1's result: the tile the start tile points to
+        assert answer == colours[points[middle]]                 # hop 2 on it
+        assert answer != colours[middle]                         # the single-hop answer is always wrong here
         parser = resp.split("<parser>")[1].split("</parser>")[0]
         assert not any(c in parser for c in synthetic.COLORS)    # names the operation, never a colour
         assert resp.count(synthetic.LATENT_PLACEHOLDER) == 1 and len(auxes) == 1
-        # the aux image is the start tile zoomed: its background at the corners, its centre colour in the middle
+        # the aux image is the start tile zoomed: its colour on the top half, the mark of hop 1's tile below
         aux = auxes[0]
         assert aux.size == (56, 56)
-        assert aux.getpixel((1, 1)) == synthetic.COLORS[bg[start]] and aux.getpixel((28, 28)) == synthetic.COLORS[middle]
-        q1, _, a1, aux1 = synthetic.ask("inside", bg, centre, rng, 56)
-        assert aux1 == [] and a1 == centre[bg.index(q1.split("the ")[1].split(" tile")[0])]
+        assert aux.getpixel((1, 1)) == aux.getpixel((54, 27)) == synthetic.COLORS[colours[start]]
+        assert aux.getpixel((1, 28)) == aux.getpixel((54, 54)) == synthetic.MARKS[colours[middle]]
+        q1, _, a1, aux1 = synthetic.ask("point", colours, points, rng, 56)
+        assert aux1 == [] and a1 == colours[points[colours.index(q1.split("the ")[1].split(" tile")[0])]]
 
 
-def test_render_puts_one_tile_per_image_token():
-    bg, centre = ["red", "green", "blue", "yellow"], ["green", "blue", "yellow", "red"]
-    img = synthetic.render(bg, centre)
+def test_render_puts_one_tile_per_image_token_and_one_colour_per_patch():
+    colours, points = ["red", "green", "blue", "yellow"], [1, 2, 3, 0]
+    img = synthetic.render(colours, points)
     assert img.size == (56, 56)   # 2x2 merged 28x28 tokens
     for i, (x, y) in enumerate(((0, 0), (28, 0), (0, 28), (28, 28))):
-        assert img.getpixel((x + 1, y + 1)) == synthetic.COLORS[bg[i]]
-        assert img.getpixel((x + 14, y + 14)) == synthetic.COLORS[centre[i]]
+        for px in range(x, x + 28, 14):   # every 14x14 patch is one flat colour: the colour above, the mark below
+            top, bottom = img.crop((px, y, px + 14, y + 14)), img.crop((px, y + 14, px + 14, y + 28))
+            assert top.getcolors() == [(196, synthetic.COLORS[colours[i]])]
+            assert bottom.getcolors() == [(196, synthetic.MARKS[colours[points[i]]])]
+    assert not set(synthetic.COLORS.values()) & set(synthetic.MARKS.values())   # a colour is never a mark's shade
 
 
 def test_base_recipe_short(tmp_path):
@@ -59,11 +63,11 @@ def test_base_recipe_short(tmp_path):
     cats = {json.loads(line)["category"] for line in (base / "raw" / "train.jsonl").read_text().splitlines()}
     assert cats == {k for k, _ in synthetic.BASE_MIX}
     cfg = train.TrainConfig(data=str(base / "prepared"), model=str(base / "model"), out=str(tmp_path / "ckpt"),
-                            latent_head="raw", train_vision=True, global_batch=8, micro_batch=8, epochs=1, lr=1e-2,
-                            device="cpu")
+                            latent_head="raw", global_batch=8, micro_batch=8, epochs=1, lr=1e-2, device="cpu")
     train.main(cfg)
     before, after = load_file(base / "model" / "model.safetensors"), load_file(tmp_path / "ckpt" / "model.safetensors")
-    assert not torch.equal(before["visual.patch_embed.proj.weight"], after["visual.patch_embed.proj.weight"])
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))   # the ViT stays frozen
 
     tiles = tmp_path / "tiles"
     prepare.main(["synthetic", "--task", "tiles", "--out", str(tiles), "--n", "10", "--latents", "4"])
