@@ -763,7 +763,7 @@ def synthetic_tiles(opts):
     print(f"synthetic {opts.task}: {opts.n} examples ({opts.n - n_test} train, {n_test} test) -> {raw}")
     if opts.task == "tiles":
         return None
-    tok = train_tokenizer(["system\n" + SYSTEM_PROMPT, "user\n", "assistant\n", "\n", *tiles.tokenizer_texts()])
+    tok = tiles.make_tokenizer()
     m = tiles.make_model(tok, opts.seed)
     model.save_pretrained(m, out / "model")
     tok.save(str(out / "model" / "tokenizer.json"))

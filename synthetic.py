@@ -119,15 +119,16 @@ def make_example(i, seed, raw, mix, n_latents):
             "aux_images": [f"aux/{rid}-{j}.png" for j in range(len(auxes))], "answer": answer, "category": kind}
 
 
-def tokenizer_texts():
-    """Every word either stage can say, so the base and the demo share one tokenizer."""
-    rng, texts = random.Random(0), []
+def make_tokenizer():
+    """The BPE trained on every word either stage can say (and the chat template's), so the base and the demo share
+    one tokenizer."""
+    rng, texts = random.Random(0), ["system\n" + prepare.SYSTEM_PROMPT, "user\n", "assistant\n", "\n"]
     for kind in ("plain", "shade", "point", "follow"):
         for _ in range(60):
             colours, points = make_grid(rng)
             q, resp, answer, _ = ask(kind, colours, points, rng, TILE)
             texts += [q, answer, *resp.split(LATENT_PLACEHOLDER)]
-    return texts
+    return prepare.train_tokenizer(texts)
 
 
 # ---- the base model's shape ----

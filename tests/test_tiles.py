@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import model  # noqa: E402
 import prepare  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
@@ -52,6 +53,19 @@ def test_render_puts_one_tile_per_image_token_and_one_colour_per_patch():
             assert top.getcolors() == [(196, synthetic.COLORS[colours[i]])]
             assert bottom.getcolors() == [(196, synthetic.MARKS[colours[points[i]]])]
     assert not set(synthetic.COLORS.values()) & set(synthetic.MARKS.values())   # a colour is never a mark's shade
+
+
+def test_committed_base_is_what_make_base_makes():
+    """`make demo` starts from checkpoints/tiles-base: its tokenizer must be the one `make base` trains on today's
+    texts, its shape make_model's, and its recorded held-out single-hop accuracy >= 0.9."""
+    base = ROOT / "checkpoints" / "tiles-base"
+    tok = synthetic.make_tokenizer()
+    assert json.loads(tok.to_str())["model"] == json.loads((base / "tokenizer.json").read_text())["model"]
+    committed, fresh = model.load_pretrained(base), synthetic.make_model(tok, 0)
+    assert (committed.cfg.text, committed.cfg.vision) == (fresh.cfg.text, fresh.cfg.vision)
+    res = json.loads((base / "eval" / "results.json").read_text())["intervention"][0]
+    assert res["per_category"]["point"]["accuracy"] >= 0.9 and res["per_category"]["point"]["n"] >= 200
+    assert "make base" in (base / "COMMAND").read_text()
 
 
 def test_base_recipe_short(tmp_path):
