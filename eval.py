@@ -738,9 +738,9 @@ def oracle_main(opts):
     print(format_table(rows, [("latents fed", "feed", "{}"), ("records", "n", "{}"),
                               ("tail accuracy", "accuracy", "{:.4f}")]))
     if opts.out:
+        mode = {"oracle": "true_latents", "none": "no_latents"}
         res = {"model": opts.model, "data": opts.data, "intervention": [
-            {"mode": {"oracle": "true_latents", "none": "no_latents"}[r["feed"]], "n": r["n"], "accuracy": r["accuracy"]}
-            for r in rows]}
+            {"mode": mode[r["feed"]], "n": r["n"], "accuracy": r["accuracy"]} for r in rows]}
         Path(opts.out).mkdir(parents=True, exist_ok=True)
         model.write_text_atomic(Path(opts.out) / "results.json", json.dumps(res, indent=2) + "\n")
         print(f"wrote {Path(opts.out) / 'results.json'}")

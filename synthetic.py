@@ -87,8 +87,8 @@ def ask(kind, colours, points, rng, aux_side):
     i = rng.randrange(4)
     a, b = colours[i], colours[points[i]]
     if kind == "point":
-        return (f"Where does the {a} tile point?", f"<think>I read the mark of the {a} tile.</think><answer>{b}</answer>",
-                b, [])
+        return (f"Where does the {a} tile point?",
+                f"<think>I read the mark of the {a} tile.</think><answer>{b}</answer>", b, [])
     if kind == "follow":
         answer = colours[points[points[i]]]      # hop 1: the tile i points to; hop 2: where that one points
         return (f"Start at the {a} tile and follow its mark. Where does the next tile point?",
