@@ -3,7 +3,7 @@ GAP training: LM loss + lambda_latent x latent MSE (Eq. 2) with teacher forcing,
 
     python prepare.py synthetic --out data/synthetic        # once: tiny model + data, no download
     python train.py                                          # tiny model on data/synthetic (CPU is fine)
-    python train.py --global-batch 16 --micro-batch 16 --lr 5e-3 --head-lr 5e-3 --epochs 8   # `make demo`
+    python train.py --data data/tiles/prepared --model checkpoints/tiles-base --lambda-latent 100 ...  # `make demo`
     torchrun --standalone --nproc_per_node=8 train.py --data DIR --model CKPT [--fsdp] [--compile]
 
 One process runs the same code as torchrun (RANK / LOCAL_RANK / WORLD_SIZE). Defaults are the paper's: AdamW lr 1e-5
