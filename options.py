@@ -104,7 +104,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_main(main, argv=None):
-    """Every script's door: main(argv); a DataError or OSError ends in one line on stderr and exit code 1."""
+    """Every script's door: main(argv); a DataError or OSError ends in one line on stderr and exit code 1, Ctrl-C in
+    "interrupted" and exit code 130."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
@@ -119,6 +120,13 @@ def run_main(main, argv=None):
         where = isinstance(e, OSError) and e.filename is not None and e.strerror
         print(f"error: {f'{e.filename}: {e.strerror}' if where else e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:   # Ctrl-C: one line and the shell's 128 + SIGINT, not a traceback from deep in torch
+        if debug:
+            raise
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---- device, precision and image pixel limits, resolved once per script ----

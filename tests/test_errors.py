@@ -96,6 +96,16 @@ def test_unreadable_checkpoint_files(syn, tmp_path, monkeypatch, capsys):
                                          f"JSONDecodeError"), line
 
 
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        prepare.run_main(interrupted, [])
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+    with pytest.raises(KeyboardInterrupt):   # --debug keeps the traceback
+        prepare.run_main(interrupted, ["--debug"])
+
+
 def test_a_bug_keeps_its_traceback():
     def buggy(argv):
         return {}["missing"]
