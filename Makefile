@@ -78,7 +78,8 @@ demo: .venv/run-ok
 	  --json $(DEMO)/summary.json
 
 # One seed's jobs; the prepared folder's manifest (rewritten by every `make demo`) makes them rerun on fresh data.
-.PRECIOUS: $(DEMO)/gap-%/model.safetensors $(DEMO)/control-%/model.safetensors
+.PRECIOUS: $(DEMO)/gap-%/model.safetensors $(DEMO)/control-%/model.safetensors $(DEMO)/full-%/model.safetensors \
+  $(DEMO)/raw-%/model.safetensors
 $(DEMO)/gap-%/model.safetensors: $(SYN)/prepared/manifest.json
 	$(PY) train.py --data $(SYN)/prepared --model $(BASE) --out $(DEMO)/gap-$* --tau 0 --seed $* --device $(DEVICE) \
 	  $(DEMO_TRAIN)
@@ -94,6 +95,29 @@ $(DEMO)/eval-control-%/results.json: $(DEMO)/control-%/model.safetensors
 $(DEMO)/oracle-%/results.json: $(DEMO)/gap-%/model.safetensors
 	$(PY) eval.py oracle --model $(DEMO)/gap-$* --data $(SYN)/prepared-test --out $(DEMO)/oracle-$* --device $(DEVICE)
 
+# The paper's other heads on the demo's data (after `make demo`; ~6 more minutes on 2 cores for 3 seeds): the full
+# d -> d head (LH) and a model trained with raw output-as-input feedback, each evaluated with its own latents and with
+# zero latents; summary printed and written to $(DEMO)/variants.json.
+HEAD_RUNS = $(foreach h,full raw,$(foreach s,$(SEEDS),$(DEMO)/eval-$(h)-$(s)/results.json))
+variants: .venv/run-ok
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 -Otarget $(HEAD_RUNS)
+	$(PY) eval.py summary $(HEAD_RUNS:/results.json=) --json $(DEMO)/variants.json
+
+$(DEMO)/full-%/model.safetensors: $(SYN)/prepared/manifest.json
+	$(PY) train.py --data $(SYN)/prepared --model $(BASE) --out $(DEMO)/full-$* --latent-head full --tau 0 --seed $* \
+	  --device $(DEVICE) $(DEMO_TRAIN)
+$(DEMO)/raw-%/model.safetensors: $(SYN)/prepared/manifest.json
+	$(PY) train.py --data $(SYN)/prepared --model $(BASE) --out $(DEMO)/raw-$* --latent-head raw --tau 0 --seed $* \
+	  --device $(DEVICE) $(DEMO_TRAIN)
+$(DEMO)/eval-full-%/results.json: $(DEMO)/full-%/model.safetensors
+	$(PY) eval.py --model $(DEMO)/full-$* --data $(SYN)/raw/test.jsonl --modes full,zero --out $(DEMO)/eval-full-$* \
+	  --device $(DEVICE) $(DEMO_EVAL)
+$(DEMO)/eval-raw-%/results.json: $(DEMO)/raw-%/model.safetensors
+	$(PY) eval.py --model $(DEMO)/raw-$* --data $(SYN)/raw/test.jsonl --modes raw,zero --out $(DEMO)/eval-raw-$* \
+	  --device $(DEVICE) $(DEMO_EVAL)
+$(SYN)/prepared/manifest.json:
+	@echo "error: $@: no demo data yet; run make demo first" >&2; exit 1
+
 # The GPU check (one H100, < 10 min): the CUDA-only tests (training; generation: the SDPA kernel of each attention
 # form, the CUDA-graph decode step == eager), bench.py's 7B inference rows (decode step against the HBM bound, against
 # transformers' eager and static-cache generate), then bench.py's training-step rows for a 7B-width model
@@ -106,4 +130,4 @@ gpu:
 	$(GPU_PY) bench.py --config 7b --device cuda --compile --iters 3
 	$(GPU_PY) bench.py --train --config 7b --layers 4 --device cuda --prompt-len 3838 --compile --iters 3 --gpus 8
 
-.PHONY: venv test base demo gpu
+.PHONY: venv test base demo variants gpu
