@@ -95,7 +95,7 @@ $(DEMO)/eval-control-%/results.json: $(DEMO)/control-%/model.safetensors
 $(DEMO)/oracle-%/results.json: $(DEMO)/gap-%/model.safetensors
 	$(PY) eval.py oracle --model $(DEMO)/gap-$* --data $(SYN)/prepared-test --out $(DEMO)/oracle-$* --device $(DEVICE)
 
-# The paper's other heads on the demo's data (after `make demo`; ~6 more minutes on 2 cores for 3 seeds): the full
+# The paper's other heads on the demo's data (after `make demo`; ~7 more minutes on 2 cores for 3 seeds): the full
 # d -> d head (LH) and a model trained with raw output-as-input feedback, each evaluated with its own latents and with
 # zero latents; summary printed and written to $(DEMO)/variants.json.
 HEAD_RUNS = $(foreach h,full raw,$(foreach s,$(SEEDS),$(DEMO)/eval-$(h)-$(s)/results.json))
