@@ -521,6 +521,18 @@ def score(opts):
                                 device=opts.device, pixels=(opts.min_pixels, opts.max_pixels), workers=opts.workers)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"score: wrote {out}")
+        print(solved_summary([json.loads(line) for _, line in jsonl_lines(out)], opts.samples))
+
+
+def solved_summary(rows, samples):
+    """How many records the base solved at least once, per category: what tau = 0 turns into text-only records."""
+    by_cat = {}
+    for r in rows:
+        by_cat.setdefault(str(r.get("category") or "all"), []).append(r["accuracy"] > 0)
+    parts = ", ".join(f"{c} {sum(v)}/{len(v)}" for c, v in sorted(by_cat.items()))
+    n = sum(sum(v) for v in by_cat.values())
+    return (f"score: solved at least once in {samples} samples: {parts} (the other {len(rows) - n} scored 0: tau = 0 "
+            f"keeps their latent spans)")
 
 
 # ---- synthetic dataset: three toy tasks in the spirit of the paper ----

@@ -95,6 +95,11 @@ def test_base_recipe_short(tmp_path):
                   "--samples", "2", "--max-new-tokens", "8", "--out", str(scored), "--device", "cpu"])
     recs = [json.loads(line) for line in scored.read_text().splitlines()]
     assert len(recs) == 8 and all(0.0 <= r["accuracy"] <= 1.0 for r in recs)
+    assert prepare.solved_summary(recs, 2) == prepare.solved_summary(recs[::-1], 2)   # order-free, one line
+    rows = [{"category": "follow", "accuracy": 0.0}, {"category": "follow", "accuracy": 0.5},
+            {"category": "point", "accuracy": 1.0}, {"accuracy": 0.0}]
+    assert prepare.solved_summary(rows, 8) == ("score: solved at least once in 8 samples: all 0/1, follow 1/2, point "
+                                               "1/1 (the other 2 scored 0: tau = 0 keeps their latent spans)")
     prepare.main(["build", "--data", str(scored), "--model", str(tmp_path / "ckpt"), "--out", str(tiles / "prepared"),
                   "--latents", "4", "--device", "cpu"])
     man = json.loads((tiles / "prepared" / "manifest.json").read_text())
