@@ -113,8 +113,7 @@ def run_main(main, argv=None):
     except (DataError, OSError) as e:
         if debug:
             raise
-        for bar in list(getattr(tqdm, "_instances", ())):   # end an open progress bar's line before ours
-            bar.close()
+        close_progress_bars()
         # an OSError from open() carries filename and strerror ("x.jsonl: No such file or directory"); one raised with
         # just a message prints as that message
         where = isinstance(e, OSError) and e.filename is not None and e.strerror
@@ -123,10 +122,15 @@ def run_main(main, argv=None):
     except KeyboardInterrupt:   # Ctrl-C: one line and the shell's 128 + SIGINT, not a traceback from deep in torch
         if debug:
             raise
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.close()
+        close_progress_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def close_progress_bars():
+    """End every open tqdm bar's line, so that the one-line message starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # ---- device, precision and image pixel limits, resolved once per script ----
