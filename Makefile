@@ -63,21 +63,26 @@ SEED_RUNS = $(foreach s,$(SEEDS),$(DEMO)/eval-gap-$(s)/results.json $(DEMO)/eval
   $(DEMO)/oracle-$(s)/results.json)
 demo: .venv/run-ok
 	$(PY) prepare.py synthetic --task tiles --out $(SYN) --n $(N) --test-frac $(TEST_FRAC) --latents $(LATENTS)
-	$(PY) prepare.py score --data $(SYN)/raw/train.jsonl --model $(BASE) --samples 8 --max-new-tokens 20 \
-	  --out $(SYN)/raw/train.scored.jsonl --device $(DEVICE)
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 -Otarget $(SYN)/raw/train.scored.jsonl \
+	  $(SYN)/prepared-test/manifest.json $(DEMO)/eval-base/results.json
 	$(PY) prepare.py build --data $(SYN)/raw/train.scored.jsonl --model $(BASE) --out $(SYN)/prepared \
 	  --latents $(LATENTS) --device $(DEVICE)
-	$(PY) prepare.py build --data $(SYN)/raw/test.jsonl --model $(BASE) --out $(SYN)/prepared-test \
-	  --latents $(LATENTS) --device $(DEVICE)
-	$(PY) eval.py --model $(BASE) --data $(SYN)/raw/test.jsonl --modes zero --out $(DEMO)/eval-base \
-	  --device $(DEVICE) $(DEMO_EVAL)
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 -Otarget $(SEED_RUNS)
-	$(PY) eval.py norms --model $(DEMO)/gap-$(firstword $(SEEDS)) --data $(SYN)/raw/test.jsonl --out $(DEMO)/norms \
-	  --device $(DEVICE)
+	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j2 -Otarget $(SEED_RUNS) $(DEMO)/norms/norms.json
 	$(PY) eval.py summary $(foreach s,$(SEEDS),$(DEMO)/eval-gap-$(s) $(DEMO)/eval-control-$(s) $(DEMO)/oracle-$(s)) \
 	  --json $(DEMO)/summary.json
 
-# One seed's jobs; the prepared folder's manifest (rewritten by every `make demo`) makes them rerun on fresh data.
+# The jobs, as files; each reruns when what it reads is newer (every `make demo` rewrites raw/ and prepared/). The
+# scores are made afresh (`prepare.py score` would resume from an old file, scored by another base perhaps).
+$(SYN)/raw/train.scored.jsonl: $(SYN)/raw/train.jsonl
+	rm -f $@
+	$(PY) prepare.py score --data $< --model $(BASE) --samples 8 --max-new-tokens 20 --out $@ --device $(DEVICE)
+$(SYN)/prepared-test/manifest.json: $(SYN)/raw/test.jsonl
+	$(PY) prepare.py build --data $< --model $(BASE) --out $(SYN)/prepared-test --latents $(LATENTS) --device $(DEVICE)
+$(DEMO)/eval-base/results.json: $(SYN)/raw/test.jsonl
+	$(PY) eval.py --model $(BASE) --data $< --modes zero --out $(DEMO)/eval-base --device $(DEVICE) $(DEMO_EVAL)
+$(DEMO)/norms/norms.json: $(DEMO)/gap-$(firstword $(SEEDS))/model.safetensors
+	$(PY) eval.py norms --model $(DEMO)/gap-$(firstword $(SEEDS)) --data $(SYN)/raw/test.jsonl --out $(DEMO)/norms \
+	  --device $(DEVICE)
 .PRECIOUS: $(DEMO)/gap-%/model.safetensors $(DEMO)/control-%/model.safetensors $(DEMO)/full-%/model.safetensors \
   $(DEMO)/raw-%/model.safetensors
 $(DEMO)/gap-%/model.safetensors: $(SYN)/prepared/manifest.json
@@ -92,7 +97,7 @@ $(DEMO)/eval-gap-%/results.json: $(DEMO)/gap-%/model.safetensors
 $(DEMO)/eval-control-%/results.json: $(DEMO)/control-%/model.safetensors
 	$(PY) eval.py --model $(DEMO)/control-$* --data $(SYN)/raw/test.jsonl --modes zero \
 	  --out $(DEMO)/eval-control-$* --device $(DEVICE) $(DEMO_EVAL)
-$(DEMO)/oracle-%/results.json: $(DEMO)/gap-%/model.safetensors
+$(DEMO)/oracle-%/results.json: $(DEMO)/gap-%/model.safetensors $(SYN)/prepared-test/manifest.json
 	$(PY) eval.py oracle --model $(DEMO)/gap-$* --data $(SYN)/prepared-test --out $(DEMO)/oracle-$* --device $(DEVICE)
 
 # The paper's other heads on the demo's data (after `make demo`; ~7 more minutes on 2 cores for 3 seeds): the full
