@@ -737,13 +737,13 @@ def oracle_main(opts):
     rows = [oracle_probe(m, opts.data, feed, opts.limit, opts.batch_size) for feed in ("oracle", "none")]
     print(format_table(rows, [("latents fed", "feed", "{}"), ("records", "n", "{}"),
                               ("tail accuracy", "accuracy", "{:.4f}")]))
-    if opts.out:
-        mode = {"oracle": "true_latents", "none": "no_latents"}
+    if opts.out:   # the layout evaluate() writes, so `eval.py summary` reads it beside the intervention tables
+        mode, path = {"oracle": "true_latents", "none": "no_latents"}, Path(opts.out) / "results.json"
         res = {"model": opts.model, "data": opts.data, "intervention": [
             {"mode": mode[r["feed"]], "n": r["n"], "accuracy": r["accuracy"]} for r in rows]}
-        Path(opts.out).mkdir(parents=True, exist_ok=True)
-        model.write_text_atomic(Path(opts.out) / "results.json", json.dumps(res, indent=2) + "\n")
-        print(f"wrote {Path(opts.out) / 'results.json'}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.write_text_atomic(path, json.dumps(res, indent=2) + "\n")
+        print(f"wrote {path}")
     return rows
 
 
